@@ -1,0 +1,211 @@
+"""The Transformer encoder shared by every family (ViT paper, section 3.1 and eq. 2-4).
+
+A pre-norm block: ``x = x + MSA(LN(x))``, ``x = x + MLP(LN(x))``, then a final LayerNorm. Each family feeds it its
+own tokens (patches, ResNet features, tokens-to-token output) and keeps its own quirks as fields: the GELU variant,
+the LayerNorm epsilon and whether the qkv projection has a bias.
+
+Parameter names are stable (loaders and exporters depend on them)::
+
+    encoder/block_{i}/norm1/{scale,bias}
+    encoder/block_{i}/attn/qkv/{kernel (D, 3, H, D/H), bias (3, H, D/H)}     # [q | k | v], head-major
+    encoder/block_{i}/attn/out/{kernel (H, D/H, D), bias (D,)}
+    encoder/block_{i}/norm2/{scale,bias}
+    encoder/block_{i}/mlp/{fc1,fc2}/{kernel,bias}
+    encoder/norm/{scale,bias}
+
+With ``scan_layers=True`` the blocks live under ``encoder/blocks`` with a leading layer axis instead.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# Initialisers of google-research/vision_transformer, which trained the public checkpoints.
+dense_kernel_init = nn.initializers.xavier_uniform()
+dense_bias_init = nn.initializers.normal(stddev=1e-6)
+
+
+def partitioned(init, names: tuple[str | None, ...]):
+    """Attaches logical axis names to an initialiser, so the train step can shard the parameter by rules."""
+    return nn.with_logical_partitioning(init, names)
+
+
+def drop_path(x: jax.Array, rate: float | jax.Array, rng: jax.Array) -> jax.Array:
+    """Stochastic depth (Huang et al. 2016): drops a whole residual branch per example and rescales the survivors.
+
+    ``rate`` may be a traced scalar (the scanned encoder feeds each layer its own rate).
+    """
+    keep = 1.0 - jnp.asarray(rate, jnp.float32)
+    mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros_like(x))
+
+
+class MlpBlock(nn.Module):
+    """Dense -> GELU -> Dropout -> Dense -> Dropout."""
+
+    mlp_dim: int
+    dropout_rate: float = 0.0
+    gelu_approximate: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        d = x.shape[-1]
+        dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+        x = dense(self.mlp_dim, name='fc1',
+                  kernel_init=partitioned(dense_kernel_init, ('embed', 'mlp')),
+                  bias_init=partitioned(dense_bias_init, ('mlp',)))(x)
+        x = nn.gelu(x, approximate=self.gelu_approximate)
+        x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+        x = dense(d, name='fc2',
+                  kernel_init=partitioned(dense_kernel_init, ('mlp', 'embed')),
+                  bias_init=partitioned(dense_bias_init, ('embed',)))(x)
+        return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+
+
+class MultiHeadSelfAttention(nn.Module):
+    """softmax(q k^T / sqrt(d_head)) v over all heads, with one fused qkv projection.
+
+    The fused ``qkv`` kernel makes one (D, 3D) matmul instead of three. Attention itself goes through
+    ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU). The explicit softmax path is taken only when it is
+    needed: attention dropout while training, or when the caller asks for the attention maps by making the
+    ``'attention_weights'`` collection mutable (``model.apply(..., mutable=['attention_weights'])``).
+    """
+
+    num_heads: int
+    qkv_bias: bool = True
+    attention_dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        d = x.shape[-1]
+        h = self.num_heads
+        dh = d // h
+        qkv = nn.DenseGeneral((3, h, dh), name='qkv', use_bias=self.qkv_bias,
+                              dtype=self.dtype, param_dtype=self.param_dtype,
+                              kernel_init=partitioned(dense_kernel_init, ('embed', None, 'heads', 'kv')),
+                              bias_init=partitioned(dense_bias_init, (None, 'heads', 'kv')))(x)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (B, N, H, dh)
+        scale = dh ** -0.5
+        if (not deterministic and self.attention_dropout_rate > 0.0) or self.is_mutable_collection('attention_weights'):
+            logits = jnp.einsum('bqhd,bkhd->bhqk', q * jnp.asarray(scale, q.dtype), k)
+            weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+            self.sow('attention_weights', 'weights', weights)
+            weights = nn.Dropout(self.attention_dropout_rate)(weights, deterministic=deterministic)
+            y = jnp.einsum('bhqk,bkhd->bqhd', weights.astype(v.dtype), v)
+        else:
+            y = jax.nn.dot_product_attention(q, k, v, scale=scale)
+        return nn.DenseGeneral(d, axis=(-2, -1), name='out', dtype=self.dtype, param_dtype=self.param_dtype,
+                               kernel_init=partitioned(dense_kernel_init, ('heads', 'kv', 'embed')),
+                               bias_init=partitioned(dense_bias_init, ('embed',)))(y)
+
+
+class EncoderBlock(nn.Module):
+    """One pre-norm Transformer block (ViT eq. 2-3), with dropout and stochastic depth on both branches."""
+
+    num_heads: int
+    mlp_dim: int
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    qkv_bias: bool = True
+    gelu_approximate: bool = True
+    layer_norm_eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool, drop_path_rate: float | jax.Array | None = None):
+        # The field is this block's rate; a scanned encoder sets it to the largest rate (so that it is static and
+        # nonzero exactly when stochastic depth is on) and passes each layer's own rate as ``drop_path_rate``.
+        rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
+        stochastic_depth = not deterministic and self.drop_path_rate > 0.0
+        norm = functools.partial(layer_norm, self.layer_norm_eps, self.dtype, self.param_dtype)
+
+        y = norm('norm1')(x)
+        y = MultiHeadSelfAttention(self.num_heads, self.qkv_bias, self.attention_dropout_rate,
+                                   self.dtype, self.param_dtype, name='attn')(y, deterministic)
+        y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+        if stochastic_depth:
+            y = drop_path(y, rate, self.make_rng('dropout'))
+        x = x + y
+
+        y = norm('norm2')(x)
+        y = MlpBlock(self.mlp_dim, self.dropout_rate, self.gelu_approximate, self.dtype, self.param_dtype,
+                     name='mlp')(y, deterministic)
+        if stochastic_depth:
+            y = drop_path(y, rate, self.make_rng('dropout'))
+        x = x + y
+        self.sow('intermediates', 'tokens', x)
+        return x
+
+
+def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
+    """LayerNorm with logical axis names on its parameters (statistics are computed in float32)."""
+    return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name,
+                        scale_init=partitioned(nn.initializers.ones, ('embed',)),
+                        bias_init=partitioned(nn.initializers.zeros, ('embed',)))
+
+
+class _ScannedBlock(EncoderBlock):
+    """EncoderBlock with the ``(carry, x) -> (carry, y)`` signature of ``nn.scan``; x is this layer's drop-path rate."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, rate: jax.Array, deterministic: bool):  # type: ignore[override]
+        return super().__call__(x, deterministic, rate), None
+
+
+class Encoder(nn.Module):
+    """A stack of ``num_layers`` EncoderBlocks and the final LayerNorm.
+
+    Stochastic depth follows the linear rule of Huang et al. (as in DeiT / timm): block i drops its residual branches
+    with probability ``drop_path_rate * i / (num_layers - 1)``. ``scan_layers`` compiles one block and loops over
+    stacked parameters (compile time independent of depth); ``remat`` recomputes each block's activations in the
+    backward pass instead of storing them.
+    """
+
+    num_layers: int
+    num_heads: int
+    mlp_dim: int
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    qkv_bias: bool = True
+    gelu_approximate: bool = True
+    layer_norm_eps: float = 1e-6
+    scan_layers: bool = False
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        block_kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
+                            attention_dropout_rate=self.attention_dropout_rate, qkv_bias=self.qkv_bias,
+                            gelu_approximate=self.gelu_approximate, layer_norm_eps=self.layer_norm_eps,
+                            dtype=self.dtype, param_dtype=self.param_dtype)
+        rates = [self.drop_path_rate * i / max(self.num_layers - 1, 1) for i in range(self.num_layers)]
+        if self.scan_layers:
+            block_cls = _ScannedBlock
+            if self.remat:
+                block_cls = nn.remat(block_cls, static_argnums=(3,), prevent_cse=False)
+            scanned = nn.scan(block_cls, variable_axes={'params': 0, 'intermediates': 0, 'attention_weights': 0},
+                              split_rngs={'params': True, 'dropout': True}, in_axes=(0, nn.broadcast),
+                              length=self.num_layers, metadata_params={nn.PARTITION_NAME: 'layers'})
+            x, _ = scanned(drop_path_rate=self.drop_path_rate, name='blocks', **block_kwargs)(
+                x, jnp.asarray(rates, jnp.float32), deterministic)
+        else:
+            block_cls = nn.remat(EncoderBlock, static_argnums=(2,)) if self.remat else EncoderBlock
+            for i in range(self.num_layers):
+                x = block_cls(drop_path_rate=rates[i], name=f'block_{i}', **block_kwargs)(x, deterministic)
+        return layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, 'norm')(x)
