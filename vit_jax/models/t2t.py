@@ -13,7 +13,7 @@ Ported from yitu-opensource/T2T-ViT with its quirks kept on purpose:
 
 Parameter names::
 
-    tokens_to_token/attention{1,2}/{norm1, attn/qkv, attn/out, norm2, mlp/fc1, mlp/fc2}    # 'transformer'
+    tokens_to_token/attention{1,2}/{norm1, qkv, out, norm2, mlp/fc1, mlp/fc2}              # 'transformer'
     tokens_to_token/attention{1,2}/{norm1, kqv, random_features, proj, norm2, fc1, fc2}  # 'performer'
     tokens_to_token/project
 """
