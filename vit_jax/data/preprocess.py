@@ -1,0 +1,142 @@
+"""Per-example image transforms: decode, crop, resize, flip, normalise, and random erasing; all stateless.
+
+Every random choice takes an explicit ``key`` (a ``[2]`` int64 seed for ``tf.random.stateless_*``), so an example's
+augmentation depends only on its key: the property that makes resuming exact.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+import tensorflow as tf
+
+from vit_jax.data import randaugment
+
+# torchvision's ImageNet statistics, used by DeiT / T2T-ViT (timm's IMAGENET_DEFAULT_MEAN / STD).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RATIO_RANGE = (3 / 4, 4 / 3)  # the aspect ratios of the inception crop (Szegedy et al. 2015; timm, big_vision)
+
+
+def _decode(encoded: tf.Tensor, window_fn=None) -> tf.Tensor:
+    """uint8 (h, w, 3) of a JPEG / PNG / ..., cropped to ``window_fn(shape) -> (top, left, height, width)``.
+
+    JPEGs are decoded inside the window only (``decode_and_crop_jpeg``, as big_vision does): an inception crop keeps
+    8..100 % of the image, so this skips much of the decoding work on ImageNet.
+    """
+    def jpeg() -> tf.Tensor:
+        if window_fn is None:
+            return tf.io.decode_jpeg(encoded, channels=3)
+        window = window_fn(tf.io.extract_jpeg_shape(encoded))
+        return tf.io.decode_and_crop_jpeg(encoded, tf.stack(window), channels=3)
+
+    def other() -> tf.Tensor:
+        image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+        if window_fn is None:
+            return image
+        top, left, height, width = window_fn(tf.shape(image))
+        return tf.image.crop_to_bounding_box(image, top, left, height, width)
+
+    image = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def _resize(image: tf.Tensor, size: tuple, method: str) -> tf.Tensor:
+    # float32 in [0, 255]; bicubic overshoots, hence the clip.
+    return tf.clip_by_value(tf.image.resize(image, size, method=method), 0.0, 255.0)
+
+
+def _inception_window(shape: tf.Tensor, key: tf.Tensor, scale: tuple) -> tuple:
+    """timm's RandomResizedCrop window, drawn by TF's (stateless) sampler as big_vision's ``inception_crop`` does."""
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape, bounding_boxes=tf.zeros([1, 0, 4]), seed=key, min_object_covered=0.0, aspect_ratio_range=RATIO_RANGE,
+        area_range=tuple(scale), use_image_if_no_bounding_boxes=True)
+    return begin[0], begin[1], size[0], size[1]
+
+
+def normalize(image: tf.Tensor, normalization: str) -> tf.Tensor:
+    """[0, 255] -> 'inception': [-1, 1] (vision_transformer, big_vision) | 'imagenet': (x - mean) / std (DeiT)."""
+    if normalization == 'inception':
+        return image / 127.5 - 1.0
+    return (image / 255.0 - tf.constant(IMAGENET_MEAN)) / tf.constant(IMAGENET_STD)
+
+
+def train_image(encoded: tf.Tensor, key: tf.Tensor, augment: ml_collections.ConfigDict, size: int) -> tf.Tensor:
+    """timm's training transform (DeiT): crop -> flip -> RandAugment -> normalise -> random erasing; float32."""
+    crop_key, flip_key, randaugment_key, erasing_key = tf.unstack(tf.random.experimental.stateless_split(key, 4))
+    method = augment.get('interpolation', 'bilinear')
+    if augment.crop == 'inception':
+        image = _decode(encoded, lambda shape: _inception_window(shape, crop_key, augment.crop_scale))
+        image = _resize(image, (size, size), method)
+    elif augment.crop == 'resize':
+        image = _resize(_decode(encoded), (size, size), method)
+    else:  # 'random_crop_pad': torchvision's RandomCrop(padding=4) of the CIFAR ResNets, 4 px at 32 px
+        pad = max(size // 8, 1)
+        image = _resize(_decode(encoded), (size, size), method)
+        image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
+        image = tf.image.stateless_random_crop(image, [size, size, 3], seed=crop_key)
+    if augment.flip:
+        image = tf.image.stateless_random_flip_left_right(image, seed=flip_key)
+    if augment.randaugment_magnitude > 0:
+        # Like timm, on uint8 pixels, with the fill colour of the geometric ops the dataset mean.
+        mean = IMAGENET_MEAN if augment.normalization == 'imagenet' else (0.5, 0.5, 0.5)
+        image = randaugment.randaugment(
+            tf.cast(tf.round(image), tf.uint8), randaugment_key, num_layers=augment.randaugment_num_layers,
+            magnitude=augment.randaugment_magnitude, magnitude_std=augment.randaugment_magnitude_std,
+            fill=[round(255 * m) for m in mean])
+        image = tf.cast(image, tf.float32)
+    image = normalize(image, augment.normalization)
+    if augment.random_erasing > 0:
+        image = random_erasing(image, erasing_key, augment.random_erasing)
+    return image
+
+
+def eval_image(encoded: tf.Tensor, augment: ml_collections.ConfigDict, size: int) -> tf.Tensor:
+    """timm's eval transform: resize to floor(size / crop_pct), center crop ``size``, normalise; float32.
+
+    The resize keeps the aspect ratio (shorter side), except with ``crop='resize'``, whose training squashes the
+    image to a square, as vision_transformer's evaluation does (there ``crop_pct=1`` gives its plain resize).
+    """
+    image = _decode(encoded)
+    scaled = math.floor(size / augment.crop_pct)
+    method = augment.get('interpolation', 'bilinear')
+    if augment.crop == 'resize':
+        image = _resize(image, (scaled, scaled), method)
+    else:
+        shape = tf.cast(tf.shape(image)[:2], tf.float32)
+        new_shape = tf.cast(shape * (scaled / tf.reduce_min(shape)), tf.int32)
+        image = _resize(image, tf.maximum(new_shape, scaled), method)
+    image = tf.image.resize_with_crop_or_pad(image, size, size)
+    return normalize(image, augment.normalization)
+
+
+def random_erasing(image: tf.Tensor, key: tf.Tensor, probability: float) -> tf.Tensor:
+    """timm's RandomErasing(mode='pixel', max_count=1) of DeiT, on the normalised image.
+
+    With ``probability``, a box of 2..33 % of the area and aspect ratio 0.3..3.3 is filled with N(0, 1) noise; like
+    timm, 10 boxes are drawn and the first that fits inside the image is used (none fits: nothing is erased).
+    """
+    apply_key, area_key, ratio_key, top_key, left_key, noise_key = tf.unstack(
+        tf.random.experimental.stateless_split(key, 6))
+    height, width = image.shape[0], image.shape[1]
+    area = tf.random.stateless_uniform([10], area_key, 0.02, 1 / 3) * (height * width)
+    ratio = tf.exp(tf.random.stateless_uniform([10], ratio_key, math.log(0.3), math.log(1 / 0.3)))
+    heights = tf.cast(tf.round(tf.sqrt(area * ratio)), tf.int32)
+    widths = tf.cast(tf.round(tf.sqrt(area / ratio)), tf.int32)
+    fits = (heights < height) & (widths < width)
+    first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
+    box_h, box_w = heights[first], widths[first]
+    # timm's random.randint(0, height - box_h), both ends included.
+    top = tf.cast(tf.random.stateless_uniform([], top_key) * tf.cast(height - box_h + 1, tf.float32), tf.int32)
+    left = tf.cast(tf.random.stateless_uniform([], left_key) * tf.cast(width - box_w + 1, tf.float32), tf.int32)
+    erase = fits[first] & (tf.random.stateless_uniform([], apply_key) < probability)
+
+    def erased() -> tf.Tensor:
+        noise = tf.random.stateless_normal([box_h, box_w, 3], noise_key)
+        padding = [[top, height - top - box_h], [left, width - left - box_w], [0, 0]]
+        inside = tf.pad(tf.ones([box_h, box_w, 1], tf.bool), padding)
+        return tf.where(inside, tf.pad(noise, padding), image)
+
+    return tf.cond(erase, erased, lambda: image)
