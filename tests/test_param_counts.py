@@ -3,13 +3,10 @@
 Computed with ``jax.eval_shape``: nothing is allocated, so ViT-H/14 costs no more than ViT-Ti.
 """
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
-from flax.core import meta
 
 from vit_jax import models
+from vit_jax.models.summary import count_params
 
 EXPECTED = {
     # google-research/vision_transformer models_test.py (class-token head, no representation layer).
@@ -30,12 +27,6 @@ EXPECTED = {
     # BatchNorm's affine parameters). Likewise R26 from R26+ViT-B/32: 13,946,176 + 2,049,000.
     'resnet50': 25_557_032, 'resnet26': 15_995_176,
 }
-
-
-def count_params(model) -> int:
-    size = model.image_size
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))['params'])
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(meta.unbox(shapes)))
 
 
 @pytest.mark.parametrize('name', sorted(EXPECTED))

@@ -1,0 +1,87 @@
+"""Device mesh, logical axis rules and shardings: the same train step on one CPU, a GPU or a TPU pod.
+
+The mesh has three axes: ``data`` (replicas, each a slice of the batch), ``fsdp`` (also a slice of the batch, and
+parameters sharded along it, ZeRO-3 style) and ``tensor`` (Megatron-style: attention heads and MLP hidden units).
+Models name their parameter axes (``embed``, ``heads``, ``mlp``, ...; see ``models/encoder.py``); ``AXIS_RULES`` maps
+those names to mesh axes, so no module knows about the mesh.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from flax import linen as nn
+from flax.core import meta
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+BATCH_AXES = ('data', 'fsdp')
+
+# Logical parameter axis -> mesh axis. Unlisted names (kv, classes, layers, conv_in) are replicated.
+AXIS_RULES = (
+    ('embed', 'fsdp'),
+    ('heads', 'tensor'),
+    ('mlp', 'tensor'),
+    ('conv_out', 'tensor'),
+)
+
+
+def create_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over all devices; one axis may be -1 (whatever the others leave)."""
+    devices = jax.devices() if devices is None else devices
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f'mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1.')
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if any(s == 0 or s < -1 for s in sizes) or len(devices) % known:
+        raise ValueError(f'mesh {dict(zip(MESH_AXES, sizes))} does not fit {len(devices)} devices: the product of the '
+                         f'axis sizes must divide the device count.')
+    sizes = [len(devices) // known if s == -1 else s for s in sizes]
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(f'mesh {dict(zip(MESH_AXES, sizes))} uses {int(np.prod(sizes))} of {len(devices)} devices; '
+                         'set one axis to -1 to use them all.')
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def num_batch_shards(mesh: Mesh) -> int:
+    return mesh.shape['data'] * mesh.shape['fsdp']
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dimension split over data x fsdp, the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def _spec(names: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
+    """Logical names -> PartitionSpec; a dimension that the mesh axis does not divide stays replicated."""
+    rules = dict(AXIS_RULES)
+    axes = []
+    for name, size in zip(names, shape):
+        axis = rules.get(name)
+        if axis is not None and (mesh.shape[axis] == 1 or size % mesh.shape[axis] or axis in axes):
+            axis = None
+        axes.append(axis)
+    return P(*axes)
+
+
+def tree_shardings(boxed_tree: Any, mesh: Mesh) -> Any:
+    """Shardings for a tree of (possibly ``nn.Partitioned``-boxed) arrays or shapes; unboxed leaves are replicated."""
+
+    def leaf(x):
+        if isinstance(x, meta.Partitioned):
+            return NamedSharding(mesh, _spec(x.names, x.value.shape, mesh))
+        return NamedSharding(mesh, P())
+
+    return jax.tree.map(leaf, boxed_tree, is_leaf=lambda x: isinstance(x, meta.Partitioned))
+
+
+def param_shardings(model: nn.Module, mesh: Mesh, image_size: int) -> Any:
+    """The sharding of every parameter of ``model`` (unboxed tree), from its logical axis names."""
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jax.numpy.zeros((1, image_size, image_size, 3))))
+    return tree_shardings(abstract['params'], mesh)

@@ -1,0 +1,216 @@
+"""The training loop: config -> data -> model -> objective -> sharded train step -> checkpoints and metrics.
+
+``train_and_evaluate(config, workdir)`` trains (or resumes) and returns the final eval metrics. Rerunning the same
+command resumes from the latest checkpoint in ``workdir`` and continues exactly as if never interrupted: the data
+order is a function of (seed, step), the dropout noise a function of the step, and metrics logged after the
+checkpoint are dropped from ``metrics.jsonl`` and logged again.
+
+Writes to ``workdir``: ``checkpoints/`` (orbax, the last ``keep_checkpoints``; atomic), TensorBoard events,
+``metrics.jsonl`` (one JSON object per logged step) and ``config.json``.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Iterator
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from clu import metric_writers, periodic_actions
+
+from vit_jax import data, models, sharding
+from vit_jax.objectives import create_objective
+from vit_jax.train.optim import create_optimizer
+from vit_jax.train.step import TrainState, init_state, make_eval_step, make_train_step
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or Inf; the last good checkpoint is intact."""
+
+
+def build(config: ml_collections.ConfigDict):
+    """Validates the config against the data and the devices and builds the model, mesh and step counts.
+
+    Everything that can be checked before compiling is checked here, with errors that name the field.
+    """
+    info = data.dataset_info(config)
+    overrides = {k: v for k, v in config.model.items() if v is not None}
+    if 'image_size' in overrides:
+        raise ValueError('Set config.image_size, not config.model.image_size: the data and the model share it.')
+    model = models.create_model(config.model_name, num_classes=info.num_classes, image_size=config.image_size,
+                                **overrides)
+    mesh = sharding.create_mesh(**config.mesh)
+    shards = sharding.num_batch_shards(mesh)
+    for field in ('batch_size', 'eval_batch_size'):
+        value = config[field]
+        if value % shards or value % jax.process_count():
+            raise ValueError(f'config.{field}={value} is not divisible by the {shards} batch shards of the mesh '
+                             f'{dict(mesh.shape)} (data x fsdp) and {jax.process_count()} processes: use a multiple '
+                             f'of {math.lcm(shards, jax.process_count())}.')
+    per_epoch = data.steps_per_epoch(config)
+    if per_epoch < 1:
+        raise ValueError(f'config.batch_size={config.batch_size} is larger than the {info.num_train_examples} '
+                         f'examples of {config.dataset}:{config.train_split}.')
+    total_steps = int(config.total_steps) or int(math.ceil(config.num_epochs * per_epoch))
+    return info, model, mesh, total_steps
+
+
+def _device_batches(it: Iterator[dict], mesh, size: int = 2) -> Iterator[dict]:
+    """Host batches -> global arrays sharded over the batch axes, ``size`` batches ahead (transfers overlap steps)."""
+    target = sharding.batch_sharding(mesh)
+    queue = collections.deque()
+
+    def put(batch):
+        return {k: jax.make_array_from_process_local_data(target, v) for k, v in batch.items()}
+
+    for batch in it:
+        queue.append(put(batch))
+        if len(queue) > size:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
+
+
+def evaluate(eval_step, params, config, mesh) -> dict[str, float]:
+    """Loss, top-1 and top-5 over the whole eval split (padding masked out)."""
+    totals = collections.defaultdict(float)
+    it = data.eval_iterator(config, process_index=jax.process_index(), process_count=jax.process_count())
+    for batch in _device_batches(it, mesh):
+        for k, v in jax.device_get(eval_step(params, batch)).items():
+            totals[k] += float(v)
+    count = max(totals['count'], 1.0)
+    return {'eval_loss': totals['loss'] / count, 'eval_top1': totals['top1'] / count,
+            'eval_top5': totals['top5'] / count}
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one object per logged step. On resume, lines after the restored step are dropped."""
+
+    def __init__(self, path: str, resume_step: int):
+        self.path = path
+        if os.path.exists(path):
+            with open(path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)['step'] <= resume_step]
+            with open(path, 'w') as f:
+                f.writelines(kept)
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if jax.process_index() == 0:
+            with open(self.path, 'a') as f:
+                f.write(json.dumps({'step': step, **metrics}) + '\n')
+
+
+def _check_finite(pending: list[tuple[int, dict]], manager: ocp.CheckpointManager) -> dict[str, float]:
+    """Fetches the metrics of the steps since the last check; raises at the first non-finite loss, naming the step."""
+    fetched = jax.device_get(pending)
+    for step, metrics in fetched:
+        loss = float(metrics['train_loss'])
+        if not np.isfinite(loss):
+            good = manager.latest_step()
+            raise NonFiniteLossError(
+                f'Training loss is {loss} at step {step}. The last good checkpoint (step {good}) in '
+                f'{manager.directory} is intact; lower the learning rate or enable grad_clip_norm, then rerun.')
+    # Means over the steps since the last log; the learning rate is the current one.
+    means = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[0][1]} if fetched else {}
+    if fetched:
+        means['learning_rate'] = float(fetched[-1][1]['learning_rate'])
+    pending.clear()
+    return means
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and returns the final eval metrics."""
+    info, model, mesh, total_steps = build(config)
+    os.makedirs(workdir, exist_ok=True)
+    opt = config.optimizer
+    accumulation = max(int(opt.accumulation_steps), 1)
+    tx, schedule = create_optimizer(opt, total_steps // accumulation)
+    use_ema = opt.ema_decay > 0
+    state, shardings = init_state(model, tx, mesh, config.image_size, config.seed, use_ema)
+
+    manager = ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, 'checkpoints')),
+        options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
+    latest = manager.latest_step()
+    if latest is not None:
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+        state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
+        logging.info('Resumed from step %d of %s.', latest, manager.directory)
+    start_step = int(jax.device_get(state.step))
+
+    log = MetricsLog(os.path.join(workdir, 'metrics.jsonl'), start_step)
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    if start_step == 0:
+        writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, 'config.json'), 'w') as f:
+                f.write(config.to_json_best_effort(indent=2))
+    logging.info('%s on %s: %d classes, %d train examples, %d steps of %d images, mesh %s.', config.model_name,
+                 config.dataset, info.num_classes, info.num_train_examples, total_steps, config.batch_size,
+                 dict(mesh.shape))
+
+    objective = create_objective(config.objective, model)
+    train_step = make_train_step(objective, tx, shardings, mesh, schedule, config.seed, opt.ema_decay, accumulation)
+    eval_step = make_eval_step(model, mesh, shardings.params)
+    batches = _device_batches(data.train_iterator(config, seed=config.seed, start_step=start_step,
+                                                  process_index=jax.process_index(),
+                                                  process_count=jax.process_count()), mesh)
+
+    report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer, every_secs=30.0)
+    hooks = [report]
+    if config.profile and jax.process_index() == 0:
+        hooks.append(periodic_actions.Profile(num_profile_steps=5, logdir=workdir))
+
+    preempted = []
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+    pending: list[tuple[int, dict]] = []
+    eval_metrics: dict[str, float] = {}
+    try:
+        step = start_step
+        while step < total_steps:
+            with jax.profiler.StepTraceAnnotation('train', step_num=step):
+                state, metrics = train_step(state, next(batches))
+            step += 1
+            pending.append((step, metrics))
+            for hook in hooks:
+                hook(step)
+            last = step == total_steps
+            logged: dict[str, float] = {}
+            if step % config.log_every == 0 or last:
+                logged.update(_check_finite(pending, manager))
+            if step % config.eval_every == 0 or last:
+                eval_metrics = evaluate(eval_step, state.ema_params if use_ema else state.params, config, mesh)
+                logged.update(eval_metrics)
+            if logged:
+                writer.write_scalars(step, logged)
+                log.write(step, logged)
+            if step % config.checkpoint_every == 0 or last or preempted:
+                _check_finite(pending, manager)  # never save a state that came from a non-finite loss
+                manager.save(step, args=ocp.args.StandardSave(state))
+            if preempted:
+                logging.warning('SIGTERM: saved step %d to %s; rerun the same command to resume.', step,
+                                manager.directory)
+                break
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        manager.wait_until_finished()
+        writer.flush()
+    return eval_metrics
+
+
+def _flatten(d: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f'{prefix}{k}.'))
+        else:
+            out[f'{prefix}{k}'] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
