@@ -18,3 +18,18 @@ FIXTURES = pathlib.Path(__file__).parent / 'fixtures'
 @pytest.fixture
 def fixtures_dir() -> pathlib.Path:
     return FIXTURES
+
+
+def mock_metadata(root: pathlib.Path, name: str, splits: dict[str, int]) -> str:
+    """Writes the dataset_info.json of a prepared TFDS ``name`` with these split sizes under ``root``.
+
+    ``tfds.testing.mock_data`` fakes the records; ``vit_jax.data`` also checks that a dataset is prepared and reads
+    its split sizes, which these metadata provide. Returns ``root`` as a data_dir.
+    """
+    import tensorflow_datasets as tfds
+    builder = tfds.builder(name, data_dir=str(root))
+    builder.info.set_splits(tfds.core.SplitDict([
+        tfds.core.SplitInfo(name=split, shard_lengths=[n], num_bytes=0) for split, n in splits.items()]))
+    pathlib.Path(builder.data_dir).mkdir(parents=True, exist_ok=True)
+    builder.info.write_to_directory(builder.data_dir)
+    return str(root)

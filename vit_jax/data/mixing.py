@@ -11,6 +11,8 @@ from __future__ import annotations
 import ml_collections
 import tensorflow as tf
 
+from vit_jax.data import preprocess
+
 
 def smooth_one_hot(labels: tf.Tensor, num_classes: int, smoothing: float) -> tf.Tensor:
     """timm's targets: 1 - smoothing + smoothing / C on the label, smoothing / C elsewhere."""
@@ -24,10 +26,10 @@ def _beta(key: tf.Tensor, alpha: float) -> tf.Tensor:
     return x / tf.maximum(x + y, 1e-12)
 
 
-def _cutmix_box(key: tf.Tensor, lam: tf.Tensor, height: int, width: int) -> tuple[tf.Tensor, tf.Tensor]:
+def _cutmix_box(key: tf.Tensor, lam: tf.Tensor, height: int, width: int) -> tuple[tuple, tf.Tensor]:
     """timm's ``rand_bbox``: a box of side ratio sqrt(1 - lam) centred uniformly, clipped to the image.
 
-    Returns the (height, width) boolean mask of the box and the corrected lambda, 1 - its area fraction.
+    Returns the box (top, bottom, left, right) and the corrected lambda, 1 - its area fraction.
     """
     y_key, x_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
     cut = tf.sqrt(1.0 - lam)
@@ -36,10 +38,13 @@ def _cutmix_box(key: tf.Tensor, lam: tf.Tensor, height: int, width: int) -> tupl
     center_x = tf.random.stateless_uniform([], x_key, 0, width, dtype=tf.int32)
     top, bottom = tf.clip_by_value(center_y - cut_h // 2, 0, height), tf.clip_by_value(center_y + cut_h // 2, 0, height)
     left, right = tf.clip_by_value(center_x - cut_w // 2, 0, width), tf.clip_by_value(center_x + cut_w // 2, 0, width)
-    rows, cols = tf.range(height), tf.range(width)
-    box = ((rows >= top) & (rows < bottom))[:, None] & ((cols >= left) & (cols < right))[None, :]
     area = tf.cast((bottom - top) * (right - left), tf.float32)
-    return box, 1.0 - area / (height * width)
+    return (top, bottom, left, right), 1.0 - area / (height * width)
+
+
+def _cut_and_paste(images: tf.Tensor, box: tuple) -> tf.Tensor:
+    top, bottom, left, right = box
+    return preprocess.paste(images, tf.reverse(images[:, top:bottom, left:right], [0]), top, left)
 
 
 def mix(images: tf.Tensor, targets: tf.Tensor, key: tf.Tensor,
@@ -49,24 +54,20 @@ def mix(images: tf.Tensor, targets: tf.Tensor, key: tf.Tensor,
     if not (mixup_on or cutmix_on):
         return images, targets
     apply_key, switch_key, mixup_key, cutmix_key, box_key = tf.unstack(tf.random.experimental.stateless_split(key, 5))
-    partner_targets = tf.reverse(targets, [0])
-    # Branches: 0 leaves the batch as it is, 1 mixes it up, 2 cuts and pastes; only the chosen one runs.
     mixup_lam = _beta(mixup_key, augment.mixup_alpha) if mixup_on else tf.constant(1.0)
+    box, cutmix_lam = (0, 0, 0, 0), tf.constant(1.0)
     if cutmix_on:
-        box, cutmix_lam = _cutmix_box(box_key, _beta(cutmix_key, augment.cutmix_alpha), images.shape[1],
-                                      images.shape[2])
-    else:
-        box, cutmix_lam = tf.zeros(images.shape[1:3], tf.bool), tf.constant(1.0)
+        box, cutmix_lam = _cutmix_box(box_key, _beta(cutmix_key, augment.cutmix_alpha), *images.shape[1:3])
+    use_cutmix = tf.constant(cutmix_on)
     if mixup_on and cutmix_on:
         use_cutmix = tf.random.stateless_uniform([], switch_key) < augment.mixup_switch_prob
-    else:
-        use_cutmix = tf.constant(cutmix_on)
     apply = tf.random.stateless_uniform([], apply_key) < augment.mixup_prob
+    # Branch 0 leaves the batch as it is, 1 mixes it up, 2 cuts and pastes; only the chosen one runs.
     branch = tf.where(apply, tf.where(use_cutmix, 2, 1), 0)
     images = tf.switch_case(branch, [
         lambda: images,
-        lambda: images + (1.0 - mixup_lam) * (tf.reverse(images, [0]) - images),
-        lambda: tf.where(box[None, :, :, None], tf.reverse(images, [0]), images),
+        lambda: mixup_lam * images + (1.0 - mixup_lam) * tf.reverse(images, [0]),
+        lambda: _cut_and_paste(images, box),
     ])
     lam = tf.gather([1.0, mixup_lam, cutmix_lam], branch)
-    return images, lam * targets + (1.0 - lam) * partner_targets
+    return images, lam * targets + (1.0 - lam) * tf.reverse(targets, [0])

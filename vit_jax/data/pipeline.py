@@ -6,6 +6,10 @@ records with a seed drawn from (seed, epoch) and, in the epoch a run starts in, 
 already taken, before any decoding. Each example is augmented with a key drawn from (seed, epoch, its position in
 the epoch on this host), each batch is mixed with a key from (seed, step, host), and tf.data keeps the order
 deterministic. Hence a run started at step s yields the very batches a run from step 0 yields from step s on.
+
+The price: every epoch starts a new shuffle buffer, so it begins by reading ``shuffle_buffer`` records (bytes, not
+decoded images) before its first batch. Files are read in a fixed order; TFDS shuffled the examples across them
+when it prepared the dataset, and a buffer as large as the host's split is a full shuffle.
 """
 
 from __future__ import annotations
@@ -68,6 +72,8 @@ def train_iterator(config: ml_collections.ConfigDict, *, seed: int, start_step: 
 
     Yields ``{'images': float32 (B, S, S, 3), 'labels': float32 (B, num_classes)}``, B = batch_size / processes.
     """
+    if start_step < 0:
+        raise ValueError(f'start_step={start_step} < 0.')
     augment, size = config.augment, config.image_size
     config_lib.check_augment_config(augment)
     builder = sources.load_builder(config)

@@ -46,11 +46,12 @@ def _transform(image: tf.Tensor, matrix: Sequence[tf.Tensor], fill: tf.Tensor) -
 
 def auto_contrast(image: tf.Tensor) -> tf.Tensor:
     """Per channel, stretches [min, max] to [0, 255] (PIL ImageOps.autocontrast, cutoff 0)."""
-    x = tf.cast(image, tf.float32)
-    low, high = tf.reduce_min(x, axis=[0, 1]), tf.reduce_max(x, axis=[0, 1])
-    scale = 255.0 / tf.maximum(high - low, 1.0)
-    stretched = tf.clip_by_value((x - low) * scale, 0.0, 255.0)
-    return tf.cast(tf.where(high > low, stretched, x), tf.uint8)
+    low = tf.cast(tf.reduce_min(image, axis=[0, 1]), tf.float32)
+    high = tf.cast(tf.reduce_max(image, axis=[0, 1]), tf.float32)
+    # A flat channel stays as it is. (Per-channel parameters, not a select against a broadcast condition: faster.)
+    scale = tf.where(high > low, 255.0 / tf.maximum(high - low, 1.0), 1.0)
+    low = tf.where(high > low, low, 0.0)
+    return tf.cast(tf.clip_by_value((tf.cast(image, tf.float32) - low) * scale, 0.0, 255.0), tf.uint8)
 
 
 def equalize(image: tf.Tensor) -> tf.Tensor:
@@ -58,12 +59,11 @@ def equalize(image: tf.Tensor) -> tf.Tensor:
     x = tf.cast(image, tf.int32)
     flat = tf.reshape(x + 256 * tf.range(3), [-1])  # channel c's values at [256 c, 256 c + 256)
     histogram = tf.reshape(tf.math.bincount(flat, minlength=768, maxlength=768), [3, 256])
-    brightest = tf.gather(histogram, tf.reduce_max(x, axis=[0, 1]), batch_dims=1)
-    step = (tf.reduce_sum(histogram, axis=1) - brightest) // 255  # PIL: 0 -> the channel is left as it is
-    safe_step = tf.maximum(step, 1)[:, None]
-    lut = tf.minimum((tf.cumsum(histogram, axis=1, exclusive=True) + safe_step // 2) // safe_step, 255)
-    equalized = tf.reshape(tf.gather(tf.reshape(lut, [-1]), flat), tf.shape(x))
-    return tf.cast(tf.where(step > 0, equalized, x), tf.uint8)
+    brightest = tf.gather(histogram, tf.cast(tf.reduce_max(image, axis=[0, 1]), tf.int32), batch_dims=1)
+    step = (tf.reduce_sum(histogram, axis=1) - brightest)[:, None] // 255
+    lut = (tf.cumsum(histogram, axis=1, exclusive=True) + step // 2) // tf.maximum(step, 1)
+    lut = tf.where(step > 0, tf.minimum(lut, 255), tf.range(256))  # PIL: step 0 leaves the channel as it is
+    return tf.cast(tf.reshape(tf.gather(tf.reshape(lut, [-1]), flat), tf.shape(x)), tf.uint8)
 
 
 def sharpness(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:

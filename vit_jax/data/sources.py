@@ -34,13 +34,17 @@ def load_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     try:
         builder = tfds.builder(name, data_dir=config.data_dir)
     except ValueError as e:  # tfds.core.DatasetNotFoundError, or a name TFDS cannot parse
+        where = config.data_dir or "TFDS's default data_dir"
         raise ValueError(
-            f'Unknown dataset {name!r}: it is neither {digits.SklearnDigits.name!r}, nor "{FOLDER_PREFIX}/path/to/root", '
-            f'nor a TFDS dataset (registered, or prepared in data_dir={config.data_dir}).') from e
+            f'Unknown dataset {name!r}: it is neither {digits.SklearnDigits.name!r}, nor "{FOLDER_PREFIX}/path", nor '
+            f'a TFDS dataset (registered, or prepared in {where}).') from e
     if isinstance(builder, digits.SklearnDigits):
         builder.download_and_prepare()  # a few seconds, once: the data ship with scikit-learn
     elif not builder.is_prepared():
         raise ValueError(_not_prepared_message(builder))
+    if not {'image', 'label'} <= set(builder.info.features):
+        raise ValueError(f'Dataset {name!r} has features {sorted(builder.info.features)}; the pipeline reads '
+                         f"image classification datasets, with features 'image' and 'label'.")
     return builder
 
 

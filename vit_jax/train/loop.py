@@ -199,6 +199,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 logging.warning('SIGTERM: saved step %d to %s; rerun the same command to resume.', step,
                                 manager.directory)
                 break
+        if start_step == total_steps:  # a finished workdir: report its result instead of nothing
+            eval_metrics = evaluate(eval_step, state.ema_params if use_ema else state.params, config, mesh)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         manager.wait_until_finished()

@@ -45,8 +45,11 @@ def _labels(params: Any, rule) -> Any:
 
 
 def weight_decay_mask(params: Any) -> Any:
-    """True where weight decay applies: kernels (ndim >= 2), not position embeddings or tokens."""
-    return _labels(params, lambda path, x: x.ndim >= 2 and path[-1] not in NO_DECAY and not is_frozen(path))
+    """True where weight decay applies: kernels (ndim >= 2), not position embeddings or tokens.
+
+    Frozen parameters reach here as optax ``MaskedNode``s (``multi_transform`` hides them): no ndim, no decay.
+    """
+    return _labels(params, lambda path, x: getattr(x, 'ndim', 0) >= 2 and path[-1] not in NO_DECAY)
 
 
 def create_optimizer(opt: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation,

@@ -1,0 +1,167 @@
+"""The main job end to end: resume after kill -9, every config for 2 steps, NaN handling, early config errors."""
+
+import contextlib
+import importlib.util
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import tensorflow_datasets as tfds
+
+from conftest import mock_metadata
+from vit_jax.train.loop import NonFiniteLossError, train_and_evaluate
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = sorted(p.stem for p in (ROOT / 'configs').glob('*.py'))
+MOCK_EXAMPLES = 24  # tfds.testing.mock_data gives every split this many examples
+TINY_MODEL = dict(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64)
+
+
+def load_config(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / 'configs' / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp('tfds')
+    mock_metadata(root, 'imagenet2012', {'train': MOCK_EXAMPLES, 'validation': MOCK_EXAMPLES})
+    return str(root)
+
+
+def read_metrics(workdir) -> list[dict]:
+    return [json.loads(line) for line in (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()]
+
+
+def main_command(workdir, data_dir, *overrides):
+    return [sys.executable, '-m', 'vit_jax.main', '--config', str(ROOT / 'configs' / 'quickstart.py'),
+            '--workdir', str(workdir), f'--config.data_dir={data_dir}', '--config.model.hidden_size=48',
+            '--config.model.num_layers=2', '--config.model.mlp_dim=96', '--config.total_steps=240',
+            '--config.checkpoint_every=20', '--config.log_every=10', '--config.eval_every=80', *overrides]
+
+
+def test_kill_minus_nine_then_resume_equals_an_uninterrupted_run(tmp_path, data_dir):
+    env = dict(os.environ, JAX_PLATFORMS='cpu')
+    reference = tmp_path / 'uninterrupted'
+    subprocess.run(main_command(reference, data_dir), check=True, env=env, cwd=ROOT, capture_output=True)
+
+    workdir = tmp_path / 'killed'
+    proc = subprocess.Popen(main_command(workdir, data_dir), env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (workdir / 'checkpoints' / '20').exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert proc.poll() is None, 'the run ended before it could be killed'
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = ocp.CheckpointManager(str(workdir / 'checkpoints')).latest_step()
+    assert killed_at is not None and killed_at < 240
+
+    subprocess.run(main_command(workdir, data_dir), check=True, env=env, cwd=ROOT, capture_output=True)
+    resumed, uninterrupted = read_metrics(workdir), read_metrics(reference)
+    assert [m['step'] for m in resumed] == [m['step'] for m in uninterrupted] == list(range(10, 241, 10))
+    for a, b in zip(resumed, uninterrupted):
+        assert a.keys() == b.keys()
+        np.testing.assert_allclose([a[k] for k in sorted(a)], [b[k] for k in sorted(b)], rtol=1e-6)
+    assert resumed[-1]['eval_top1'] > 0.5  # and it learned something
+
+
+def test_sigterm_saves_and_stops(tmp_path, data_dir):
+    workdir = tmp_path / 'preempted'
+    proc = subprocess.Popen(main_command(workdir, data_dir, '--config.total_steps=100000'),
+                            env=dict(os.environ, JAX_PLATFORMS='cpu'), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (workdir / 'checkpoints' / '20').exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    assert 'SIGTERM: saved step' in stderr
+    saved = ocp.CheckpointManager(str(workdir / 'checkpoints')).latest_step()
+    assert saved > 20 and saved % 20 != 0 or saved >= 20  # a step of its own, saved on the signal
+
+
+def tiny(config, data_dir):
+    config.model.update(TINY_MODEL)
+    if config.model_name.startswith('t2t'):
+        config.model.token_dim = 16
+    elif config.model_name.startswith('r50'):
+        config.model.update(resnet_layers=(1, 1), resnet_width=0.5)
+    else:
+        config.model.patch_size = 8
+    config.image_size = 32
+    config.batch_size = config.eval_batch_size = 8
+    config.total_steps = 2
+    config.log_every = config.eval_every = config.checkpoint_every = 2
+    config.shuffle_buffer = 16
+    config.data_dir = data_dir
+    if config.dataset == 'imagenet21k':  # no TFDS builder to mock: the ImageNet-1k code path stands in
+        config.dataset, config.train_split, config.eval_split = 'imagenet2012', 'train', 'validation'
+    return config
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_every_config_runs_two_steps(tmp_path, data_dir, name):
+    config = tiny(load_config(name), data_dir)
+    real = config.dataset == 'sklearn_digits'  # the bundled data are real; ImageNet is mocked
+    with contextlib.nullcontext() if real else tfds.testing.mock_data(num_examples=MOCK_EXAMPLES, data_dir=data_dir):
+        metrics = train_and_evaluate(config, str(tmp_path))
+    assert 0.0 <= metrics['eval_top1'] <= metrics['eval_top5'] <= 1.0
+    assert np.isfinite(metrics['eval_loss'])
+    logged = read_metrics(tmp_path)
+    assert logged[-1]['step'] == 2 and np.isfinite(logged[-1]['train_loss'])
+    assert list(tmp_path.glob('events.out.tfevents.*'))  # TensorBoard
+    assert ocp.CheckpointManager(str(tmp_path / 'checkpoints')).latest_step() == 2
+
+
+def test_non_finite_loss_names_the_step_and_keeps_the_checkpoint(tmp_path, data_dir):
+    config = load_config('quickstart')
+    config.model.update(TINY_MODEL)
+    config.data_dir = data_dir
+    config.total_steps = 40
+    config.log_every = 5
+    config.checkpoint_every = 5
+    config.optimizer.update(name='sgd', learning_rate=1e12, warmup_steps=5, grad_clip_norm=0.0)
+    with pytest.raises(NonFiniteLossError, match=r'Training loss is (nan|inf|-inf) at step (\d+)\. The last good '
+                                                 r'checkpoint \(step (\d+|None)\)') as info:
+        train_and_evaluate(config, str(tmp_path))
+    bad_step = int(str(info.value).split(' at step ')[1].split('.')[0])
+    manager = ocp.CheckpointManager(str(tmp_path / 'checkpoints'))
+    good = manager.latest_step()
+    assert good is None or good < bad_step
+    if good is not None:
+        restored = manager.restore(good)
+        assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(restored['params']))
+
+
+@pytest.mark.parametrize('overrides,pattern', [
+    (dict(batch_size=12), r'config.batch_size=12 is not divisible by the 8 batch shards'),
+    (dict(dataset='not_a_dataset'), r'not_a_dataset'),
+    (dict(model_name='vit_z16'), r"Unknown model 'vit_z16'"),
+    (dict(image_size=18), r'image_size=18 is not divisible by patch_size=4'),
+    (dict(dataset='cifar10'), r'cifar10.*(not prepared|not found|prepare)'),
+])
+def test_bad_configs_fail_before_compiling(tmp_path, data_dir, overrides, pattern):
+    config = load_config('quickstart')
+    config.data_dir = str(tmp_path / 'empty') if overrides.get('dataset') == 'cifar10' else data_dir
+    config.update(overrides)
+    with pytest.raises(ValueError, match=pattern):
+        train_and_evaluate(config, str(tmp_path / 'work'))
+
+
+def test_locked_config_rejects_a_misspelt_override(tmp_path, data_dir):
+    result = subprocess.run(main_command(tmp_path, data_dir, '--config.optimizer.learnig_rate=0.1'), cwd=ROOT,
+                            capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+    assert result.returncode != 0
+    assert 'learnig_rate' in result.stderr
