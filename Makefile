@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+# Trains a small ViT on the bundled digits (rerunning resumes; a finished run just reports its eval).
 demo: $(STAMP)
-	$(PY) -m vit_jax.demo
+	$(PY) -m vit_jax.main --config configs/quickstart.py --workdir workdirs/quickstart
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile -q

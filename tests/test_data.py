@@ -12,6 +12,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image, ImageEnhance, ImageOps
 
+from conftest import mock_metadata
 from vit_jax import data
 from vit_jax.data import mixing, preprocess, randaugment, sources
 
@@ -172,16 +173,6 @@ def test_random_erasing_box_area():
 
 
 # Mocked TFDS datasets: the ImageNet and CIFAR code paths.
-
-def mock_metadata(root: pathlib.Path, name: str, splits: dict[str, int]) -> str:
-    """The dataset_info.json of a prepared ``name`` with these split sizes, for ``tfds.testing.mock_data``."""
-    builder = tfds.builder(name, data_dir=str(root))
-    builder.info.set_splits(tfds.core.SplitDict([
-        tfds.core.SplitInfo(name=split, shard_lengths=[n], num_bytes=0) for split, n in splits.items()]))
-    pathlib.Path(builder.data_dir).mkdir(parents=True)
-    builder.info.write_to_directory(builder.data_dir)
-    return str(root)
-
 
 def test_imagenet_with_deit_augmentation(tmp_path):
     # The mock yields num_examples for every split, so the metadata give every split that size.

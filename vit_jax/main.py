@@ -6,6 +6,7 @@ Configs are locked: a misspelt ``--config.field`` fails instead of being ignored
 cluster, run the same command on every host with ``--distributed``.
 """
 
+import logging as pylogging
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -20,9 +21,17 @@ flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (mult
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+class _QuietCheckpointer(pylogging.Filter):
+    """orbax logs a dozen INFO lines per save; keep its warnings and errors only."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return record.levelno >= pylogging.WARNING or '/orbax/' not in record.pathname
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    logging.get_absl_handler().addFilter(_QuietCheckpointer())
     import jax
     if FLAGS.distributed:
         jax.distributed.initialize()

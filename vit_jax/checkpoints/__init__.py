@@ -8,27 +8,35 @@ against the model before returning anything. Formats (one module each):
 - ``vision_transformer``: google-research/vision_transformer and big_vision ``.npz``;
 - ``timm``: timm / DeiT PyTorch state dicts (``.pth``, weights under ``model`` in DeiT's release files);
 - ``t2t``: official T2T-ViT ``.pth.tar`` (``state_dict_ema`` preferred, ``module.`` stripped);
-- ``huggingface``: transformers ViT / DeiT (``pytorch_model.bin`` or ``.safetensors``), 4.x and 5.x names.
+- ``huggingface``: transformers ViT / DeiT (``pytorch_model.bin`` or ``.safetensors``), 4.x and 5.x names;
+- ``vit_jax``: our own orbax training checkpoints (a workdir, its ``checkpoints/`` or one step directory).
+
+``load_pretrained`` adds what fine-tuning needs: a new head for another class count, position embeddings resized to
+another resolution, a dropped representation layer, and parameters left at init by regex.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import zipfile
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import numpy as np
+from flax import traverse_util
 
 from vit_jax.checkpoints import huggingface, t2t, timm, vision_transformer
 from vit_jax.checkpoints.common import (CheckpointError, CheckpointMismatchError, Source, fit_to_model,
                                         model_param_shapes, stack_layers, unstack_layers)
+from vit_jax.checkpoints.posemb import resize_posemb
 
-FORMATS = ('auto', 'vision_transformer', 'timm', 't2t', 'huggingface')
+FORMATS = ('auto', 'vision_transformer', 'timm', 't2t', 'huggingface', 'vit_jax')
 
-__all__ = ['FORMATS', 'CheckpointError', 'CheckpointMismatchError', 'detect_format', 'load_params',
-           'model_param_shapes', 'read_arrays', 'stack_layers', 'unstack_layers']
+__all__ = ['FORMATS', 'CheckpointError', 'CheckpointMismatchError', 'convert_checkpoint', 'detect_format',
+           'load_params', 'load_pretrained', 'model_param_shapes', 'read_arrays', 'resize_posemb', 'stack_layers',
+           'unstack_layers']
 
 
 def _read_torch(path: str, trust_pickle: bool) -> Mapping[str, Any]:
@@ -96,15 +104,38 @@ def detect_format(keys: list[str]) -> str:
     raise CheckpointError(f'Unrecognised checkpoint layout (first keys: {keys[:8]}). Known formats: {FORMATS[1:]}.')
 
 
-def load_params(path: str | os.PathLike, model: nn.Module, format: str = 'auto',
-                trust_pickle: bool = False) -> dict[str, Any]:
-    """Reads and converts the checkpoint at ``path`` into ``model``'s ``params`` tree (numpy arrays).
+def read_vit_jax(path: str) -> dict[str, np.ndarray]:
+    """A vit_jax training checkpoint (orbax) as flat parameter names: a workdir, its checkpoints/ or one step.
 
-    Raises CheckpointMismatchError listing every missing and unexpected key and every shape mismatch, and
-    CheckpointError for unreadable files or unknown layouts.
+    The EMA parameters are taken when the run kept them (they are what it evaluated).
     """
+    import orbax.checkpoint as ocp
+    from flax import traverse_util
+    if os.path.isdir(os.path.join(path, 'checkpoints')):
+        path = os.path.join(path, 'checkpoints')
+    steps = [d for d in os.listdir(path) if d.isdigit()]
+    if steps:  # a CheckpointManager directory: its latest step
+        path = os.path.join(path, max(steps, key=int))
+    if not os.path.isdir(os.path.join(path, 'default')):
+        raise CheckpointError(f'{path} is not a vit_jax checkpoint: expected a training workdir, its checkpoints/ '
+                              'directory or one step directory in it.')
+    try:
+        state = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), 'default'))
+    except Exception as e:  # orbax raises several types for damaged directories
+        raise CheckpointError(f'Cannot restore the orbax checkpoint {path} ({type(e).__name__}: {e}).') from e
+    params = state.get('ema_params') or state['params']
+    params = unstack_layers(params) if 'blocks' in params.get('encoder', {}) else params
+    return {'/'.join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
+
+
+def convert_checkpoint(path: str | os.PathLike, model: nn.Module, format: str = 'auto',
+                       trust_pickle: bool = False) -> tuple[dict[str, np.ndarray], list[str], str]:
+    """Reads and renames a checkpoint: (our flat names -> arrays, its keys no rule mapped, a description)."""
     if format not in FORMATS:
         raise ValueError(f'format={format!r} is not one of {FORMATS}.')
+    path = os.fspath(path)
+    if format == 'vit_jax' or (format == 'auto' and os.path.isdir(path)):
+        return read_vit_jax(path), [], f'{path} (vit_jax)'
     src = Source(read_arrays(path, trust_pickle))
     if format == 'auto':
         format = detect_format(src.keys())
@@ -117,4 +148,53 @@ def load_params(path: str | os.PathLike, model: nn.Module, format: str = 'auto',
         converted = huggingface.convert(src, num_heads)
     else:
         converted = timm.convert(src, num_heads)
-    return fit_to_model(converted, model, f'{os.fspath(path)} ({format})', src.unused())
+    return converted, src.unused(), f'{path} ({format})'
+
+
+def load_params(path: str | os.PathLike, model: nn.Module, format: str = 'auto',
+                trust_pickle: bool = False) -> dict[str, Any]:
+    """Reads and converts the checkpoint at ``path`` into ``model``'s ``params`` tree (numpy arrays), exactly.
+
+    Raises CheckpointMismatchError listing every missing and unexpected key and every shape mismatch, and
+    CheckpointError for unreadable files or unknown layouts. For fine-tuning (another resolution or class count)
+    use ``load_pretrained``.
+    """
+    converted, unused, source = convert_checkpoint(path, model, format, trust_pickle)
+    return fit_to_model(converted, model, source, unused)
+
+
+def load_pretrained(path: str | os.PathLike, model: nn.Module, init_params: Any, format: str = 'auto',
+                    posemb_resize: str = 'bilinear', skip: str = '', trust_pickle: bool = False,
+                    log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Pretrained weights adapted to ``model`` for fine-tuning; ``init_params`` supply whatever is not taken over.
+
+    As vision_transformer / DeiT do when fine-tuning: a head (and distillation head) whose class count differs is
+    replaced by the model's zero-initialised one; a pre-logits layer the model does not have is dropped; position
+    embeddings are resized to the model's grid (``posemb_resize``: 'bilinear' or 'bicubic'); parameters whose flat
+    name matches the regex ``skip`` keep their init values. Every change is reported through ``log``. Anything else
+    that does not fit raises CheckpointMismatchError as ``load_params`` does.
+    """
+    converted, unused, source = convert_checkpoint(path, model, format, trust_pickle)
+    expected = model_param_shapes(model)
+    init_flat = {'/'.join(k): np.asarray(v) for k, v in
+                 traverse_util.flatten_dict(unstack_layers(init_params) if getattr(model, 'scan_layers', False)
+                                            else init_params).items()}
+    for name in ('head/kernel', 'head/bias', 'head_dist/kernel', 'head_dist/bias'):
+        if name in converted and name in expected and converted[name].shape != expected[name]:
+            log(f'{name}: new zero-initialised head, {converted[name].shape} -> {expected[name]} (class count).')
+            converted[name] = init_flat[name]
+    for name in [k for k in converted if k.startswith('pre_logits/') and k not in expected]:
+        log(f'{name}: dropped (the model has no representation layer, as when fine-tuning).')
+        del converted[name]
+    for name in ('pos_embed', 'sinusoid_pos_embed'):
+        if name in converted and name in expected and converted[name].shape != expected[name]:
+            prefix = model.num_prefix_tokens if model.posemb != 'sincos2d' else 0
+            grid = model.grid_size
+            converted[name] = resize_posemb(converted[name], prefix, (grid, grid), posemb_resize)
+            log(f'{name}: resized {posemb_resize} to a {grid}x{grid} grid, {tuple(converted[name].shape)}.')
+    if skip:
+        pattern = re.compile(skip)
+        for name in [k for k in expected if pattern.search(k)]:
+            converted[name] = init_flat[name]
+            log(f'{name}: left at init (matches skip={skip!r}).')
+    return fit_to_model(converted, model, source, unused)

@@ -10,7 +10,6 @@ from typing import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 
 NUM_TEST = 360  # 20 %; the remaining 1,437 examples are the train split
 SPLIT_SEED = 0
@@ -21,13 +20,6 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
 
     VERSION = tfds.core.Version('1.0.0')
     RELEASE_NOTES = {'1.0.0': 'Seeded stratified 1,437 / 360 train / test split.'}
-
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls) -> epath.Path:
-        # TFDS 4.9.10 finds this file through `importlib_resources`, which it only requires on Python < 3.9
-        # (tensorflow/datasets#11212), so `download_and_prepare` fails without it; the answer is simply this file.
-        return epath.Path(__file__)
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
