@@ -7,6 +7,7 @@ Fields (override any of them on the command line: ``--config.optimizer.learning_
   ``shuffle_buffer``, ``augment`` (see ``vit_jax.data``).
 - optimisation: ``optimizer`` (see ``vit_jax.train.optim``), ``total_steps`` or ``num_epochs``.
 - objective: ``objective`` ('supervised').
+- fine-tuning: ``init_from`` (path, format, posemb_resize, skip).
 - devices: ``mesh`` (data, fsdp, tensor sizes; -1 = the rest).
 - bookkeeping: ``seed``, ``log_every``, ``eval_every``, ``checkpoint_every``, ``keep_checkpoints``, ``profile``.
 """
@@ -43,6 +44,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.augment = default_augment_config()
 
     c.objective = 'supervised'
+
+    # Fine-tuning: start from pretrained weights (any format vit_jax.checkpoints reads, or a vit_jax workdir).
+    # A new zero-initialised head when the class count differs, position embeddings resized ('bilinear' as
+    # vision_transformer, 'bicubic' as DeiT / T2T), parameters matching the regex ``skip`` left at init.
+    c.init_from = ml_collections.ConfigDict(dict(path='', format='auto', posemb_resize='bilinear', skip=''))
 
     c.optimizer = ml_collections.ConfigDict(dict(
         name='adamw',            # 'adamw' | 'adam' | 'sgd' (momentum)

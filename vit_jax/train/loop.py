@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from vit_jax import data, models, sharding
+from vit_jax import checkpoints, data, models, sharding
 from vit_jax.objectives import create_objective
 from vit_jax.train.optim import create_optimizer
 from vit_jax.train.step import TrainState, init_state, make_eval_step, make_train_step
@@ -144,6 +144,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
         state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
         logging.info('Resumed from step %d of %s.', latest, manager.directory)
+    elif config.init_from.path:
+        state = _init_from_pretrained(state, shardings, model, config.init_from)
     start_step = int(jax.device_get(state.step))
 
     log = MetricsLog(os.path.join(workdir, 'metrics.jsonl'), start_step)
@@ -206,6 +208,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         manager.wait_until_finished()
         writer.flush()
     return eval_metrics
+
+
+def _init_from_pretrained(state: TrainState, shardings: TrainState, model, init_from) -> TrainState:
+    """Fine-tuning: the pretrained weights, adapted to this model, replace the initial parameters (and EMA)."""
+    params = checkpoints.load_pretrained(init_from.path, model, jax.device_get(state.params), init_from.format,
+                                         init_from.posemb_resize, init_from.skip, log=logging.info)
+    params = jax.device_put(params, shardings.params)
+    logging.info('Initialised from %s.', init_from.path)
+    return state.replace(params=params, ema_params=params if state.ema_params is not None else None)
 
 
 def _flatten(d: dict[str, Any], prefix: str = '') -> dict[str, Any]:
