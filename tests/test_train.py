@@ -1,7 +1,6 @@
 """The main job end to end: resume after kill -9, every config for 2 steps, NaN handling, early config errors."""
 
 import contextlib
-import importlib.util
 import json
 import os
 import pathlib
@@ -17,6 +16,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from conftest import mock_metadata
+from vit_jax.train import config as config_lib
 from vit_jax.train.loop import NonFiniteLossError, train_and_evaluate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -26,10 +26,7 @@ TINY_MODEL = dict(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64)
 
 
 def load_config(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / 'configs' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return config_lib.load_config(str(ROOT / 'configs' / f'{name}.py'))
 
 
 @pytest.fixture(scope='module')

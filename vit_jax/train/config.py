@@ -153,3 +153,17 @@ def vit_pretrain_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     c.eval_every = 10_000
     c.checkpoint_every = 2_000
     return c
+
+
+def load_config(path: str) -> ml_collections.ConfigDict:
+    """``get_config()`` of a config file (``configs/NAME.py``, optionally ``:arg``), as ``--config`` loads it."""
+    import importlib.util
+    import os
+    path, _, arg = path.partition(':')
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(f'vit_jax_config_{name}', path)
+    if spec is None or not os.path.exists(path):
+        raise ValueError(f'No config file at {path}.')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()

@@ -1,0 +1,296 @@
+"""Throughput, FLOPs and utilisation of the train step, the forward pass and the input pipeline, beside PyTorch.
+
+    python -m vit_jax.bench --model vit_s16 --batch 32 --image-size 224 --mode all --compare torch [--json OUT]
+
+Every figure is a median over repeated steps after warm-up and compilation (compile time is reported separately).
+The train step is the training system's own (``vit_jax.train.step``: forward, backward, AdamW update, sharded over all
+devices on a data mesh). FLOPs per image come from XLA's cost analysis and are cross-checked against the analytic count
+of a ViT; utilisation is achieved FLOP/s over the device's matmul peak, which the harness measures itself with a large
+matmul in the same run. ``--compare torch`` runs the same model in PyTorch (Hugging Face transformers' ViT with the
+same config) with AdamW, the same batch, resolution and threads, in the same process, and reports ours / torch.
+It prints a table and, last, one JSON line with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+from vit_jax import models, sharding  # noqa: E402
+from vit_jax.objectives import Supervised  # noqa: E402
+from vit_jax.train.config import base_config, load_config  # noqa: E402
+from vit_jax.train.optim import create_optimizer  # noqa: E402
+from vit_jax.train.step import init_state, make_train_step  # noqa: E402
+
+
+def median_seconds(fn: Callable[[], Any], steps: int, warmup: int) -> float:
+    """Median wall time of ``fn`` (which must block until its work is done) over ``steps`` runs after ``warmup``."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_peak(dtype: str) -> float:
+    """The device's measured matmul FLOP/s: the best of a few large square matmuls."""
+    n = 2048 if jax.default_backend() == 'cpu' else 8192
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x, y: x @ y)
+    seconds = median_seconds(lambda: f(a, a).block_until_ready(), steps=5, warmup=2)
+    return 2 * n ** 3 / seconds
+
+
+def analytic_vit_flops(model, batch: int) -> float | None:
+    """Forward FLOPs of one image for a patch-stem ViT (2 per multiply-add), for cross-checking XLA's count."""
+    if not isinstance(model, models.VisionTransformer) or model.stem != 'patch':
+        return None
+    d, m, layers = model.hidden_size, model.mlp_dim, model.num_layers
+    n = model.grid_size ** 2 + model.num_prefix_tokens
+    patch = model.patch_size ** 2 * 3 * d * model.grid_size ** 2
+    per_layer = n * (4 * d * d + 2 * d * m) + 2 * n * n * d  # qkv + out, MLP, q k^T and attn v
+    head = d * model.num_classes
+    return 2.0 * (patch + layers * per_layer + head)
+
+
+def host_peak_memory_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def device_peak_memory_bytes() -> int | None:
+    stats = jax.devices()[0].memory_stats()
+    return None if not stats else stats.get('peak_bytes_in_use')
+
+
+def build_model(args) -> Any:
+    overrides = dict(kv.split('=', 1) for kv in args.override)
+    overrides = {k: _parse(v) for k, v in overrides.items()}
+    return models.create_model(args.model, num_classes=args.num_classes, image_size=args.image_size,
+                               dtype=args.dtype, **overrides)
+
+
+def _parse(value: str):
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return {'true': True, 'false': False, 'none': None}.get(value.lower(), value)
+
+
+def bench_train(model, args) -> dict[str, float]:
+    """The training system's jitted train step on synthetic data, over all devices on a data mesh."""
+    mesh = sharding.create_mesh()
+    opt = base_config().optimizer
+    opt.update(name='adamw', learning_rate=1e-3, weight_decay=0.05, warmup_steps=10, grad_clip_norm=1.0)
+    tx, schedule = create_optimizer(opt, 1000)
+    state, shardings = init_state(model, tx, mesh, args.image_size, seed=0, use_ema=False)
+    step = make_train_step(Supervised(model), tx, shardings, mesh, schedule, seed=0, ema_decay=0.0)
+    rng = np.random.default_rng(0)
+    batch = {'images': rng.normal(size=(args.batch, args.image_size, args.image_size, 3)).astype(np.float32),
+             'labels': np.eye(args.num_classes, dtype=np.float32)[rng.integers(0, args.num_classes, args.batch)]}
+    batch = jax.device_put(batch, sharding.batch_sharding(mesh))
+    start = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    flops = float(compiled.cost_analysis().get('flops', 0.0))
+    holder = [state]
+
+    def run():
+        holder[0], metrics = compiled(holder[0], batch)
+        metrics['train_loss'].block_until_ready()
+
+    seconds = median_seconds(run, args.steps, args.warmup)
+    return {'train_compile_s': compile_s, 'train_step_s': seconds, 'train_images_per_s': args.batch / seconds,
+            'train_flops_per_image': flops / args.batch, 'train_flops_per_s': flops / seconds}
+
+
+def bench_infer(model, args) -> dict[str, float]:
+    """The jitted forward: images/s at the benchmark batch, per-image latency at batch 1."""
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, args.image_size, args.image_size, 3)))
+    forward = jax.jit(lambda p, x: model.apply(p, x))
+    out = {}
+    for batch in (args.batch, 1):
+        x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, args.image_size, args.image_size, 3)),
+                        jnp.float32)
+        start = time.perf_counter()
+        compiled = forward.lower(params, x).compile()
+        compile_s = time.perf_counter() - start
+        seconds = median_seconds(lambda: compiled(params, x).block_until_ready(), args.steps, args.warmup)
+        if batch == args.batch:
+            flops = float(compiled.cost_analysis().get('flops', 0.0))
+            out.update(infer_compile_s=compile_s, infer_images_per_s=batch / seconds,
+                       infer_flops_per_image=flops / batch, infer_flops_per_s=flops / seconds)
+        else:
+            out['infer_latency_ms_batch1'] = 1e3 * seconds
+    return out
+
+
+def bench_data(args) -> dict[str, float]:
+    """The input pipeline alone (``--config``'s dataset and augmentation, at the benchmark batch and size)."""
+    from vit_jax import data
+    config = load_config(args.config)
+    config.batch_size = args.batch
+    config.image_size = args.image_size
+    if args.data_dir:
+        config.data_dir = args.data_dir
+    it = data.train_iterator(config, seed=0)
+    for _ in range(args.warmup * 5):
+        next(it)
+    n = max(args.steps * 5, 20)
+    start = time.perf_counter()
+    for _ in range(n):
+        next(it)
+    seconds = time.perf_counter() - start
+    return {'data_images_per_s': n * args.batch / seconds, 'data_dataset': config.dataset}
+
+
+def bench_torch(model, args, modes: set[str]) -> dict[str, float]:
+    """The same ViT in PyTorch (Hugging Face transformers), AdamW, same batch, size and threads."""
+    import torch
+    import transformers
+    if not isinstance(model, models.VisionTransformer) or model.stem != 'patch' or model.distilled:
+        raise ValueError(f'--compare torch supports patch-stem ViT / DeiT models; {args.model} is not one.')
+    torch.set_num_threads(args.threads)
+    config = transformers.ViTConfig(
+        hidden_size=model.hidden_size, num_hidden_layers=model.num_layers, num_attention_heads=model.num_heads,
+        intermediate_size=model.mlp_dim, image_size=args.image_size, patch_size=model.patch_size,
+        num_labels=args.num_classes, hidden_act='gelu_pytorch_tanh' if model.gelu_approximate else 'gelu',
+        layer_norm_eps=model.layer_norm_eps, attn_implementation='sdpa')
+    net = transformers.ViTForImageClassification(config)
+    images = torch.randn(args.batch, 3, args.image_size, args.image_size)
+    labels = torch.randint(0, args.num_classes, (args.batch,))
+    dtype = torch.bfloat16 if args.dtype == 'bfloat16' else None
+    out = {}
+    if 'train' in modes:
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.05)
+        net.train()
+
+        def step():
+            with torch.autocast('cpu', dtype=dtype, enabled=dtype is not None):
+                loss = torch.nn.functional.cross_entropy(net(pixel_values=images).logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            optimizer.step()
+
+        seconds = median_seconds(step, args.steps, args.warmup)
+        out['torch_train_images_per_s'] = args.batch / seconds
+    if 'infer' in modes:
+        net.eval()
+        for batch in (args.batch, 1):
+            x = images[:batch] if batch <= args.batch else torch.randn(batch, 3, args.image_size, args.image_size)
+
+            def forward(x=x):
+                with torch.no_grad(), torch.autocast('cpu', dtype=dtype, enabled=dtype is not None):
+                    net(pixel_values=x)
+
+            seconds = median_seconds(forward, args.steps, args.warmup)
+            if batch == args.batch:
+                out['torch_infer_images_per_s'] = batch / seconds
+            else:
+                out['torch_infer_latency_ms_batch1'] = 1e3 * seconds
+    return out
+
+
+def run(args) -> dict[str, Any]:
+    modes = {'train', 'infer', 'data'} if args.mode == 'all' else {args.mode}
+    model = build_model(args)
+    result: dict[str, Any] = dict(
+        model=args.model, batch=args.batch, image_size=args.image_size, dtype=args.dtype, mode=args.mode,
+        backend=jax.default_backend(), device=str(jax.devices()[0].device_kind), num_devices=jax.device_count(),
+        threads=args.threads)
+    peak = matmul_peak(args.dtype)
+    result['matmul_peak_flops_per_s'] = peak
+    if 'train' in modes:
+        result.update(bench_train(model, args))
+        result['train_utilisation'] = result['train_flops_per_s'] / peak
+    if 'infer' in modes:
+        result.update(bench_infer(model, args))
+        result['infer_utilisation'] = result['infer_flops_per_s'] / peak
+    analytic = analytic_vit_flops(model, args.batch)
+    if analytic:
+        result['analytic_forward_flops_per_image'] = analytic
+        if 'infer_flops_per_image' in result:
+            result['xla_over_analytic_forward_flops'] = result['infer_flops_per_image'] / analytic
+    if 'data' in modes:
+        result.update(bench_data(args))
+        if 'train_images_per_s' in result:
+            result['data_over_train_images_per_s'] = result['data_images_per_s'] / result['train_images_per_s']
+    if args.compare == 'torch':
+        result.update(bench_torch(model, args, modes))
+        for key in ('train_images_per_s', 'infer_images_per_s'):
+            if f'torch_{key}' in result:
+                result[f'ratio_{key}'] = result[key] / result[f'torch_{key}']
+        if 'torch_infer_latency_ms_batch1' in result:
+            result['ratio_infer_latency_batch1'] = (result['infer_latency_ms_batch1'] /
+                                                    result['torch_infer_latency_ms_batch1'])
+    result['host_peak_memory_bytes'] = host_peak_memory_bytes()
+    result['device_peak_memory_bytes'] = device_peak_memory_bytes()
+    return result
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = []
+    for key, value in result.items():
+        if isinstance(value, float):
+            text = f'{value:.4g}' if abs(value) < 1e5 else f'{value:.4e}'
+        else:
+            text = str(value)
+        lines.append(f'{key:<40} {text}')
+    return '\n'.join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--model', default='vit_ti16')
+    parser.add_argument('--override', action='append', default=[], metavar='FIELD=VALUE',
+                        help='a create_model override, e.g. --override num_layers=2 (repeatable)')
+    parser.add_argument('--batch', type=int, default=32)
+    parser.add_argument('--image-size', type=int, default=224)
+    parser.add_argument('--num-classes', type=int, default=1000)
+    parser.add_argument('--mode', choices=('train', 'infer', 'data', 'all'), default='all')
+    parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32')
+    parser.add_argument('--compare', choices=('none', 'torch'), default='none')
+    parser.add_argument('--config', default='configs/quickstart.py', help='the recipe whose input pipeline --mode '
+                                                                          'data measures')
+    parser.add_argument('--data-dir', default=None)
+    parser.add_argument('--steps', type=int, default=10)
+    parser.add_argument('--warmup', type=int, default=3)
+    parser.add_argument('--threads', type=int, default=os.cpu_count())
+    parser.add_argument('--json', default=None, help='also write the JSON to this file')
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict[str, Any]:
+    args = parse_args(argv)
+    result = run(args)
+    print(table(result))
+    line = json.dumps(result)
+    if args.json:
+        with open(args.json, 'w') as f:
+            f.write(line + '\n')
+    print(line)
+    sys.stdout.flush()
+    return result
+
+
+if __name__ == '__main__':
+    main()
