@@ -110,7 +110,8 @@ def bench_train(model, args) -> dict[str, float]:
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
-    flops = float(compiled.cost_analysis().get('flops', 0.0))
+    # XLA's cost analysis of a partitioned program is per device: the step's total is that times the mesh size.
+    flops = float(compiled.cost_analysis().get('flops', 0.0)) * mesh.size
     holder = [state]
 
     def run():
@@ -119,7 +120,8 @@ def bench_train(model, args) -> dict[str, float]:
 
     seconds = median_seconds(run, args.steps, args.warmup)
     return {'train_compile_s': compile_s, 'train_step_s': seconds, 'train_images_per_s': args.batch / seconds,
-            'train_flops_per_image': flops / args.batch, 'train_flops_per_s': flops / seconds}
+            'train_flops_per_image': flops / args.batch, 'train_flops_per_s': flops / seconds,
+            'train_devices': mesh.size}
 
 
 def bench_infer(model, args) -> dict[str, float]:
@@ -221,7 +223,7 @@ def run(args) -> dict[str, Any]:
     result['matmul_peak_flops_per_s'] = peak
     if 'train' in modes:
         result.update(bench_train(model, args))
-        result['train_utilisation'] = result['train_flops_per_s'] / peak
+        result['train_utilisation'] = result['train_flops_per_s'] / (peak * result['train_devices'])
     if 'infer' in modes:
         result.update(bench_infer(model, args))
         result['infer_utilisation'] = result['infer_flops_per_s'] / peak

@@ -1,0 +1,31 @@
+"""The benchmark harness on a tiny model for a few steps: every figure is in its JSON, with sane values.
+
+No test asserts a speed (speed targets live in the README's benchmark section)."""
+
+import json
+
+from vit_jax import bench
+
+TINY = ['--model', 'vit_ti16', '--override', 'num_layers=1', '--override', 'hidden_size=48', '--override',
+        'num_heads=3', '--override', 'mlp_dim=96', '--override', 'patch_size=8', '--image-size', '32', '--batch', '8',
+        '--num-classes', '10', '--steps', '2', '--warmup', '1']
+
+
+def test_harness_reports_every_figure(tmp_path, capsys):
+    data_dir = str(tmp_path / 'tfds')
+    result = bench.main(TINY + ['--mode', 'all', '--compare', 'torch', '--data-dir', data_dir,
+                                '--json', str(tmp_path / 'out.json')])
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last_line) == json.loads((tmp_path / 'out.json').read_text()) == json.loads(json.dumps(result))
+    for key in ('train_images_per_s', 'infer_images_per_s', 'data_images_per_s', 'torch_train_images_per_s',
+                'torch_infer_images_per_s', 'matmul_peak_flops_per_s', 'infer_latency_ms_batch1',
+                'torch_infer_latency_ms_batch1', 'train_compile_s', 'host_peak_memory_bytes'):
+        assert result[key] > 0, key
+    for key in ('train_utilisation', 'infer_utilisation'):
+        assert 0 < result[key] < 1, key
+    # XLA counts 2 FLOPs per multiply-add like the analytic count; softmax, norms and GELU add a little on top.
+    assert 1.0 <= result['xla_over_analytic_forward_flops'] < 1.3
+    # A train step costs about 3 forward passes (forward, and two matmuls per matmul in the backward pass).
+    assert 2.5 < result['train_flops_per_image'] / result['infer_flops_per_image'] < 4.0
+    assert result['ratio_train_images_per_s'] == result['train_images_per_s'] / result['torch_train_images_per_s']
+    assert result['data_dataset'] == 'sklearn_digits'
