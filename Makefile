@@ -19,9 +19,11 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
-# Trains a small ViT on the bundled digits (rerunning resumes; a finished run just reports its eval).
+# Trains a small ViT on the bundled digits (rerunning resumes; a finished run just reports its eval), then exports
+# it to TorchScript fp32, int8 qnnpack and a lite-interpreter file, with the report table.
 demo: $(STAMP)
 	$(PY) -m vit_jax.main --config configs/quickstart.py --workdir workdirs/quickstart
+	$(PY) -m vit_jax.export --workdir workdirs/quickstart --out workdirs/quickstart/export
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile -q

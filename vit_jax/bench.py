@@ -153,6 +153,8 @@ def bench_data(args) -> dict[str, float]:
     config.image_size = args.image_size
     if args.data_dir:
         config.data_dir = args.data_dir
+    if args.dataset:  # e.g. 'folder:/path' to measure a recipe's augmentation where its dataset is not prepared
+        config.dataset, config.train_split = args.dataset, 'train'
     it = data.train_iterator(config, seed=0)
     for _ in range(args.warmup * 5):
         next(it)
@@ -274,6 +276,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--config', default='configs/quickstart.py', help='the recipe whose input pipeline --mode '
                                                                           'data measures')
     parser.add_argument('--data-dir', default=None)
+    parser.add_argument('--dataset', default=None, help="replaces the recipe's dataset (train split 'train')")
     parser.add_argument('--steps', type=int, default=10)
     parser.add_argument('--warmup', type=int, default=3)
     parser.add_argument('--threads', type=int, default=os.cpu_count())
