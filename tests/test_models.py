@@ -173,3 +173,15 @@ def nn_names(boxed):
     from flax import traverse_util
     flat = traverse_util.flatten_dict(boxed, is_leaf=lambda _, v: isinstance(v, meta.Partitioned))
     return {'/'.join(k): v.names for k, v in flat.items() if isinstance(v, meta.Partitioned)}
+
+
+def test_qkv_initialised_like_three_separate_projections():
+    """Xavier-uniform per (D, D) projection, as vision_transformer's query/key/value: bound sqrt(6 / (D + D))."""
+    model = models.create_model('vit_ti16', num_classes=5, image_size=32, patch_size=8, hidden_size=96,
+                                num_layers=1, num_heads=3, mlp_dim=96)
+    kernel = np.asarray(init(model)['encoder']['block_0']['attn']['qkv']['kernel'])  # (D, 3, H, dh)
+    bound = np.sqrt(6 / (96 + 96))
+    for i in range(3):
+        part = np.abs(kernel[:, i])
+        assert part.max() <= bound and part.max() > 0.95 * bound
+    assert not np.allclose(kernel[:, 0], kernel[:, 1])

@@ -32,6 +32,13 @@ dense_kernel_init = nn.initializers.xavier_uniform()
 dense_bias_init = nn.initializers.normal(stddev=1e-6)
 
 
+def qkv_kernel_init(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> jax.Array:
+    """Xavier-uniform for q, k and v separately, as the original's three (D, D) projections (not one (D, 3D))."""
+    d, three_d = shape  # DenseGeneral initialises its kernel flattened to (D, 3 * H * dh)
+    keys = jax.random.split(key, 3)
+    return jnp.concatenate([dense_kernel_init(k, (d, three_d // 3), dtype) for k in keys], axis=1)
+
+
 def partitioned(init, names: tuple[str | None, ...]):
     """Attaches logical axis names to an initialiser, so the train step can shard the parameter by rules."""
     return nn.with_logical_partitioning(init, names)
@@ -93,7 +100,7 @@ class MultiHeadSelfAttention(nn.Module):
         dh = d // h
         qkv = nn.DenseGeneral((3, h, dh), name='qkv', use_bias=self.qkv_bias,
                               dtype=self.dtype, param_dtype=self.param_dtype,
-                              kernel_init=partitioned(dense_kernel_init, ('embed', None, 'heads', 'kv')),
+                              kernel_init=partitioned(qkv_kernel_init, ('embed', None, 'heads', 'kv')),
                               bias_init=partitioned(dense_bias_init, (None, 'heads', 'kv')))(x)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (B, N, H, dh)
         scale = dh ** -0.5
