@@ -24,6 +24,7 @@ import zipfile
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
+import jax
 import numpy as np
 from flax import traverse_util
 
@@ -35,7 +36,8 @@ from vit_jax.checkpoints.posemb import resize_posemb
 FORMATS = ('auto', 'vision_transformer', 'timm', 't2t', 'huggingface', 'vit_jax')
 
 __all__ = ['FORMATS', 'CheckpointError', 'CheckpointMismatchError', 'convert_checkpoint', 'detect_format',
-           'load_params', 'load_pretrained', 'model_param_shapes', 'read_arrays', 'resize_posemb', 'stack_layers',
+           'load_params', 'load_pretrained', 'model_param_shapes', 'read_arrays', 'resize_posemb', 'restore_vit_jax',
+           'stack_layers',
            'unstack_layers']
 
 
@@ -104,28 +106,37 @@ def detect_format(keys: list[str]) -> str:
     raise CheckpointError(f'Unrecognised checkpoint layout (first keys: {keys[:8]}). Known formats: {FORMATS[1:]}.')
 
 
-def read_vit_jax(path: str) -> dict[str, np.ndarray]:
-    """A vit_jax training checkpoint (orbax) as flat parameter names: a workdir, its checkpoints/ or one step.
+def restore_vit_jax(path: str, step: int | None = None,
+                    ema: bool = True) -> tuple[dict[str, np.ndarray], str, str]:
+    """The parameters of a vit_jax training checkpoint (orbax): a workdir, its checkpoints/ or one step directory.
 
-    The EMA parameters are taken when the run kept them (they are what it evaluated).
+    Returns (flat parameter names -> host arrays, the step directory, 'ema_params' or 'params'). Only the parameters
+    are restored, as numpy, whatever mesh and optimizer the run used; the EMA parameters are taken where the run kept
+    them (they are what it evaluated), unless ``ema=False``. ``step`` defaults to the latest.
     """
     import orbax.checkpoint as ocp
-    from flax import traverse_util
     if os.path.isdir(os.path.join(path, 'checkpoints')):
         path = os.path.join(path, 'checkpoints')
-    steps = [d for d in os.listdir(path) if d.isdigit()]
-    if steps:  # a CheckpointManager directory: its latest step
-        path = os.path.join(path, max(steps, key=int))
-    if not os.path.isdir(os.path.join(path, 'default')):
+    steps = sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
+    if steps:  # a CheckpointManager directory
+        if step is not None and step not in steps:
+            raise CheckpointError(f'{path} has no checkpoint at step {step}; it has {steps}.')
+        path = os.path.join(path, str(steps[-1] if step is None else step))
+    item = os.path.join(os.path.abspath(path), 'default')
+    if not os.path.isdir(item):
         raise CheckpointError(f'{path} is not a vit_jax checkpoint: expected a training workdir, its checkpoints/ '
                               'directory or one step directory in it.')
     try:
-        state = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), 'default'))
+        tree = ocp.StandardCheckpointer().metadata(item).item_metadata
+        key = 'ema_params' if ema and tree.get('ema_params') is not None else 'params'
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree[key])
+        args = ocp.args.PyTreeRestore(item={key: tree[key]}, restore_args={key: restore_args}, partial_restore=True)
+        params = ocp.PyTreeCheckpointer().restore(item, args=args)[key]
     except Exception as e:  # orbax raises several types for damaged directories
         raise CheckpointError(f'Cannot restore the orbax checkpoint {path} ({type(e).__name__}: {e}).') from e
-    params = state.get('ema_params') or state['params']
     params = unstack_layers(params) if 'blocks' in params.get('encoder', {}) else params
-    return {'/'.join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
+    flat = {'/'.join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
+    return flat, path, key
 
 
 def convert_checkpoint(path: str | os.PathLike, model: nn.Module, format: str = 'auto',
@@ -135,7 +146,7 @@ def convert_checkpoint(path: str | os.PathLike, model: nn.Module, format: str = 
         raise ValueError(f'format={format!r} is not one of {FORMATS}.')
     path = os.fspath(path)
     if format == 'vit_jax' or (format == 'auto' and os.path.isdir(path)):
-        return read_vit_jax(path), [], f'{path} (vit_jax)'
+        return restore_vit_jax(path)[0], [], f'{path} (vit_jax)'
     src = Source(read_arrays(path, trust_pickle))
     if format == 'auto':
         format = detect_format(src.keys())

@@ -8,13 +8,10 @@ import os
 from typing import Any
 
 import ml_collections
-import numpy as np
-import orbax.checkpoint as ocp
 
 from vit_jax import models
-from vit_jax.checkpoints import CheckpointMismatchError, load_params
+from vit_jax.checkpoints import CheckpointMismatchError, load_params, restore_vit_jax
 from vit_jax.checkpoints.common import fit_to_model
-from vit_jax.export import convert
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -39,36 +36,17 @@ def load_workdir(workdir: str, step: int | None = None, ema: bool = True):
         raise ValueError(f'{workdir} has no config.json: is it a vit_jax training workdir (python -m vit_jax.main)?')
     with open(config_path) as f:
         config = ml_collections.ConfigDict(json.load(f))
-    directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
-    steps = ocp.CheckpointManager(directory).all_steps() if os.path.isdir(directory) else []
-    if not steps:
+    if not os.path.isdir(os.path.join(workdir, 'checkpoints')) or not any(
+            d.isdigit() for d in os.listdir(os.path.join(workdir, 'checkpoints'))):
         raise ValueError(f'{workdir} has no checkpoints under checkpoints/: train it first.')
-    step = max(steps) if step is None else step
-    if step not in steps:
-        raise ValueError(f'{workdir} has no checkpoint at step {step}; it has {sorted(steps)}.')
-    path = os.path.join(directory, str(step), 'default')
-    tree = ocp.StandardCheckpointer().metadata(path).item_metadata
-    key = 'ema_params' if ema and tree.get('ema_params') is not None else 'params'
-    # Restore only the parameters, as numpy on this host, whatever mesh and optimizer the run used.
-    args = ocp.args.PyTreeRestore(item={key: tree[key]}, restore_args={key: _restore_args(tree[key])},
-                                  partial_restore=True)
-    restored = ocp.PyTreeCheckpointer().restore(path, args=args)[key]
-
-    flat = convert.flatten(restored)
+    flat, path, key = restore_vit_jax(workdir, step, ema)
     overrides = {k: v for k, v in config.model.to_dict().items() if v is not None}
     head = flat.get('head/bias')
     model = models.create_model(config.model_name, num_classes=0 if head is None else int(head.shape[0]),
                                 image_size=config.image_size, **overrides)
     params = fit_to_model(flat, model, f'{path} ({key})')  # every key and shape checked, scanned if the model is
-    source = {'workdir': os.path.abspath(workdir), 'step': step, 'params': key}
+    source = {'workdir': os.path.abspath(workdir), 'step': int(os.path.basename(path)), 'params': key}
     return model, params, config, source
-
-
-def _restore_args(tree: Any) -> Any:
-    """Restore every leaf of a metadata tree as a host numpy array (no device mesh needed)."""
-    if isinstance(tree, dict):
-        return {k: _restore_args(v) for k, v in tree.items()}
-    return ocp.RestoreArgs(restore_type=np.ndarray)
 
 
 def load_checkpoint(path: str, name: str, overrides: dict[str, Any], num_classes: int | None = None,
