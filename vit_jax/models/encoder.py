@@ -19,6 +19,7 @@ With ``scan_layers=True`` the blocks live under ``encoder/blocks`` with a leadin
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -34,9 +35,10 @@ dense_bias_init = nn.initializers.normal(stddev=1e-6)
 
 def qkv_kernel_init(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> jax.Array:
     """Xavier-uniform for q, k and v separately, as the original's three (D, D) projections (not one (D, 3D))."""
-    d, three_d = shape  # DenseGeneral initialises its kernel flattened to (D, 3 * H * dh)
-    keys = jax.random.split(key, 3)
-    return jnp.concatenate([dense_kernel_init(k, (d, three_d // 3), dtype) for k in keys], axis=1)
+    d, three = shape[0], shape[1]  # (D, 3, H, dh)
+    keys = jax.random.split(key, three)
+    parts = [dense_kernel_init(k, (d, math.prod(shape[2:])), dtype).reshape(d, *shape[2:]) for k in keys]
+    return jnp.stack(parts, axis=1)
 
 
 def partitioned(init, names: tuple[str | None, ...]):
@@ -78,11 +80,47 @@ class MlpBlock(nn.Module):
         return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
 
 
+def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+    """softmax(q k^T * scale) v for q, k, v of shape (B, H, N, dh); returns (B, N, H, dh).
+
+    The softmax is normalised after the value matmul (exp(s - max) v / sum exp(s - max)): the same numbers, but
+    the (N, N) probabilities are never divided or stored normalised, which makes the backward pass on CPU ~30%
+    cheaper than ``jax.nn.dot_product_attention``'s (measured at ViT-Ti shapes, fwd + bwd).
+    """
+    logits = jnp.einsum('bhqd,bhkd->bhqk', q * jnp.asarray(scale, q.dtype), k).astype(jnp.float32)
+    e = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+    out = jnp.einsum('bhqk,bhkd->bqhd', e.astype(v.dtype), v)
+    return out / jnp.swapaxes(jnp.sum(e, axis=-1), 1, 2)[..., None].astype(out.dtype)
+
+
+class QKVProjection(nn.Module):
+    """x (B, N, D) -> q, k, v (B, H, N, dh) with one kernel (D, 3, H, dh) = [q | k | v] and bias (3, H, dh)."""
+
+    num_heads: int
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        d = x.shape[-1]
+        shape = (d, 3, self.num_heads, d // self.num_heads)
+        kernel = self.param('kernel', partitioned(qkv_kernel_init, ('embed', None, 'heads', 'kv')), shape,
+                            self.param_dtype)
+        qkv = jnp.einsum('bnd,dthk->tbhnk', x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param('bias', partitioned(dense_bias_init, (None, 'heads', 'kv')), shape[1:],
+                              self.param_dtype)
+            qkv = qkv + bias.astype(self.dtype)[:, None, :, None, :]
+        return qkv[0], qkv[1], qkv[2]
+
+
 class MultiHeadSelfAttention(nn.Module):
     """softmax(q k^T / sqrt(d_head)) v over all heads, with one fused qkv projection.
 
-    The fused ``qkv`` kernel makes one (D, 3D) matmul instead of three. Attention itself goes through
-    ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU). The explicit softmax path is taken only when it is
+    The fused ``qkv`` kernel (D, 3, H, dh) makes one matmul instead of three, and writes q, k, v head-major for the
+    attention matmuls. On GPU / TPU attention goes through ``jax.nn.dot_product_attention`` (cuDNN flash attention on
+    GPU); on CPU through ``softmax_attention``, which is faster there. The explicit-softmax path is taken when it is
     needed: attention dropout while training, or when the caller asks for the attention maps by making the
     ``'attention_weights'`` collection mutable (``model.apply(..., mutable=['attention_weights'])``).
     """
@@ -98,20 +136,18 @@ class MultiHeadSelfAttention(nn.Module):
         d = x.shape[-1]
         h = self.num_heads
         dh = d // h
-        qkv = nn.DenseGeneral((3, h, dh), name='qkv', use_bias=self.qkv_bias,
-                              dtype=self.dtype, param_dtype=self.param_dtype,
-                              kernel_init=partitioned(qkv_kernel_init, ('embed', None, 'heads', 'kv')),
-                              bias_init=partitioned(dense_bias_init, (None, 'heads', 'kv')))(x)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (B, N, H, dh)
+        q, k, v = QKVProjection(h, self.qkv_bias, self.dtype, self.param_dtype, name='qkv')(x)  # (B, H, N, dh)
         scale = dh ** -0.5
         if (not deterministic and self.attention_dropout_rate > 0.0) or self.is_mutable_collection('attention_weights'):
-            logits = jnp.einsum('bqhd,bkhd->bhqk', q * jnp.asarray(scale, q.dtype), k)
+            logits = jnp.einsum('bhqd,bhkd->bhqk', q * jnp.asarray(scale, q.dtype), k)
             weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
             self.sow('attention_weights', 'weights', weights)
             weights = nn.Dropout(self.attention_dropout_rate)(weights, deterministic=deterministic)
-            y = jnp.einsum('bhqk,bkhd->bqhd', weights.astype(v.dtype), v)
+            y = jnp.einsum('bhqk,bhkd->bqhd', weights.astype(v.dtype), v)
+        elif jax.default_backend() == 'cpu':
+            y = softmax_attention(q, k, v, scale)
         else:
-            y = jax.nn.dot_product_attention(q, k, v, scale=scale)
+            y = jax.nn.dot_product_attention(*(jnp.swapaxes(t, 1, 2) for t in (q, k, v)), scale=scale)
         return nn.DenseGeneral(d, axis=(-2, -1), name='out', dtype=self.dtype, param_dtype=self.param_dtype,
                                kernel_init=partitioned(dense_kernel_init, ('heads', 'kv', 'embed')),
                                bias_init=partitioned(dense_bias_init, ('embed',)))(y)
