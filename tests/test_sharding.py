@@ -1,7 +1,6 @@
 """The train step on 8 fake CPU devices: (data=4, tensor=2) and FSDP give the losses of one device (rel. 1e-5)."""
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest

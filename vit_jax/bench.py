@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import statistics
@@ -27,7 +26,6 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from vit_jax import models, sharding  # noqa: E402
@@ -58,7 +56,7 @@ def matmul_peak(dtype: str) -> float:
     return 2 * n ** 3 / seconds
 
 
-def analytic_vit_flops(model, batch: int) -> float | None:
+def analytic_vit_flops(model) -> float | None:
     """Forward FLOPs of one image for a patch-stem ViT (2 per multiply-add), for cross-checking XLA's count."""
     if not isinstance(model, models.VisionTransformer) or model.stem != 'patch':
         return None
@@ -229,7 +227,7 @@ def run(args) -> dict[str, Any]:
     if 'infer' in modes:
         result.update(bench_infer(model, args))
         result['infer_utilisation'] = result['infer_flops_per_s'] / peak
-    analytic = analytic_vit_flops(model, args.batch)
+    analytic = analytic_vit_flops(model)
     if analytic:
         result['analytic_forward_flops_per_image'] = analytic
         if 'infer_flops_per_image' in result:

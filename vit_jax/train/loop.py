@@ -16,7 +16,6 @@ import json
 import math
 import os
 import signal
-import time
 from typing import Any, Iterator
 
 import jax
