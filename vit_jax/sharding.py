@@ -12,7 +12,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import linen as nn
 from flax.core import meta
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -79,9 +78,3 @@ def tree_shardings(boxed_tree: Any, mesh: Mesh) -> Any:
         return NamedSharding(mesh, P())
 
     return jax.tree.map(leaf, boxed_tree, is_leaf=lambda x: isinstance(x, meta.Partitioned))
-
-
-def param_shardings(model: nn.Module, mesh: Mesh, image_size: int) -> Any:
-    """The sharding of every parameter of ``model`` (unboxed tree), from its logical axis names."""
-    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jax.numpy.zeros((1, image_size, image_size, 3))))
-    return tree_shardings(abstract['params'], mesh)

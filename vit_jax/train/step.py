@@ -46,9 +46,9 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, i
 def state_shardings(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, image_size: int,
                     use_ema: bool) -> TrainState:
     """Shardings of the train state: parameters by their logical axes; optimizer moments follow their parameter."""
-    params = sharding.param_shardings(model, mesh, image_size)
-    abstract_params = jax.eval_shape(
-        lambda: meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)))['params']))
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3))))['params']
+    params = sharding.tree_shardings(boxed, mesh)
+    abstract_params = meta.unbox(boxed)
     by_path = {_dict_keys(path): (leaf.shape, s) for (path, leaf), s in zip(
         jax.tree_util.tree_flatten_with_path(abstract_params)[0], jax.tree.leaves(params))}
 
