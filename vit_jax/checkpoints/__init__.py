@@ -208,4 +208,4 @@ def load_pretrained(path: str | os.PathLike, model: nn.Module, init_params: Any,
         for name in [k for k in expected if pattern.search(k)]:
             converted[name] = init_flat[name]
             log(f'{name}: left at init (matches skip={skip!r}).')
-    return fit_to_model(converted, model, source, unused)
+    return fit_to_model(converted, model, source, unused, expected)

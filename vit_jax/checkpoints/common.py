@@ -55,12 +55,14 @@ def model_param_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return {'/'.join(k): tuple(v.shape) for k, v in traverse_util.flatten_dict(params).items()}
 
 
-def fit_to_model(converted: Flat, model: nn.Module, source: str, unused: Iterable[str] = ()) -> dict[str, Any]:
+def fit_to_model(converted: Flat, model: nn.Module, source: str, unused: Iterable[str] = (),
+                 expected: dict[str, tuple[int, ...]] | None = None) -> dict[str, Any]:
     """Checks converted weights against ``model`` (every key, every shape) and returns its ``params`` tree.
 
     ``unused`` are the checkpoint's own keys that the converter could not map; they are reported as unexpected.
+    ``expected`` is ``model_param_shapes(model)`` where the caller has it already.
     """
-    expected = model_param_shapes(model)
+    expected = model_param_shapes(model) if expected is None else expected
     missing = sorted(k for k in expected if k not in converted)
     unexpected = sorted(k for k in converted if k not in expected) + [f'{k} (checkpoint name)' for k in unused]
     mismatched = [(k, tuple(converted[k].shape), expected[k]) for k in sorted(expected)
