@@ -8,6 +8,8 @@ devices on a data mesh). FLOPs per image come from XLA's cost analysis and are c
 of a ViT; utilisation is achieved FLOP/s over the device's matmul peak, which the harness measures itself with a large
 matmul in the same run. ``--compare torch`` runs the same model in PyTorch (Hugging Face transformers' ViT with the
 same config) with AdamW, the same batch, resolution and threads, in the same process, and reports ours / torch.
+All timed things take turns within each round (ours, PyTorch's, the peak matmul), so a shared machine's drift in
+speed during the run hits them alike.
 It prints a table and, last, one JSON line with every figure.
 """
 
@@ -22,38 +24,48 @@ import sys
 import time
 from typing import Any, Callable
 
+if __name__ == '__main__':  # before the heavy imports: this may re-execute the command once (see host_memory)
+    from vit_jax import host_memory
+    host_memory.configure_malloc()
+
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from vit_jax import models, sharding  # noqa: E402
+from vit_jax import host_memory, models, sharding  # noqa: E402
 from vit_jax.objectives import Supervised  # noqa: E402
 from vit_jax.train.config import base_config, load_config  # noqa: E402
 from vit_jax.train.optim import create_optimizer  # noqa: E402
 from vit_jax.train.step import init_state, make_train_step  # noqa: E402
 
 
-def median_seconds(fn: Callable[[], Any], steps: int, warmup: int) -> float:
-    """Median wall time of ``fn`` (which must block until its work is done) over ``steps`` runs after ``warmup``."""
+def interleaved_median_seconds(runners: dict[str, Callable[[], Any]], steps: int,
+                               warmup: int) -> dict[str, float]:
+    """Median wall time of each runner (each must block until its work is done) over ``steps`` rounds.
+
+    The runners take turns within every round (ours, then PyTorch's, then the matmul peak, ...), so that a shared
+    machine's drift in speed during the run slows every figure alike and the ratios between them stay fair.
+    """
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in runners.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in runners.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def matmul_peak(dtype: str) -> float:
-    """The device's measured matmul FLOP/s: the best of a few large square matmuls."""
+def matmul_peak(dtype: str) -> tuple[float, Callable[[], Any]]:
+    """FLOPs of a large square matmul and a runner for it: the device's matmul peak is FLOPs over its time."""
     n = 2048 if jax.default_backend() == 'cpu' else 8192
     a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda x, y: x @ y)
-    seconds = median_seconds(lambda: f(a, a).block_until_ready(), steps=5, warmup=2)
-    return 2 * n ** 3 / seconds
+    return 2.0 * n ** 3, lambda: f(a, a).block_until_ready()
 
 
 def analytic_vit_flops(model) -> float | None:
@@ -93,8 +105,11 @@ def _parse(value: str):
     return {'true': True, 'false': False, 'none': None}.get(value.lower(), value)
 
 
-def bench_train(model, args) -> dict[str, float]:
-    """The training system's jitted train step on synthetic data, over all devices on a data mesh."""
+def prepare_train(model, args) -> tuple[dict[str, float], Callable[[], Any]]:
+    """The training system's jitted train step on synthetic data, over all devices on a data mesh.
+
+    Returns the fixed figures (compile time, FLOPs) and a runner for one step.
+    """
     mesh = sharding.create_mesh()
     opt = base_config().optimizer
     opt.update(name='adamw', learning_rate=1e-3, weight_decay=0.05, warmup_steps=10, grad_clip_norm=1.0)
@@ -116,31 +131,24 @@ def bench_train(model, args) -> dict[str, float]:
         holder[0], metrics = compiled(holder[0], batch)
         metrics['train_loss'].block_until_ready()
 
-    seconds = median_seconds(run, args.steps, args.warmup)
-    return {'train_compile_s': compile_s, 'train_step_s': seconds, 'train_images_per_s': args.batch / seconds,
-            'train_flops_per_image': flops / args.batch, 'train_flops_per_s': flops / seconds,
-            'train_devices': mesh.size}
+    return {'train_compile_s': compile_s, 'train_flops_per_step': flops, 'train_devices': mesh.size}, run
 
 
-def bench_infer(model, args) -> dict[str, float]:
-    """The jitted forward: images/s at the benchmark batch, per-image latency at batch 1."""
+def prepare_infer(model, args) -> tuple[dict[str, float], dict[str, Callable[[], Any]]]:
+    """The jitted forward at the benchmark batch and at batch 1 (for latency)."""
     params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, args.image_size, args.image_size, 3)))
     forward = jax.jit(lambda p, x: model.apply(p, x))
-    out = {}
-    for batch in (args.batch, 1):
+    fixed, runners = {}, {}
+    for batch, name in ((args.batch, 'infer'), (1, 'infer_batch1')):
         x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, args.image_size, args.image_size, 3)),
                         jnp.float32)
         start = time.perf_counter()
         compiled = forward.lower(params, x).compile()
-        compile_s = time.perf_counter() - start
-        seconds = median_seconds(lambda: compiled(params, x).block_until_ready(), args.steps, args.warmup)
         if batch == args.batch:
-            flops = float(compiled.cost_analysis().get('flops', 0.0))
-            out.update(infer_compile_s=compile_s, infer_images_per_s=batch / seconds,
-                       infer_flops_per_image=flops / batch, infer_flops_per_s=flops / seconds)
-        else:
-            out['infer_latency_ms_batch1'] = 1e3 * seconds
-    return out
+            fixed.update(infer_compile_s=time.perf_counter() - start,
+                         infer_flops_per_step=float(compiled.cost_analysis().get('flops', 0.0)))
+        runners[name] = lambda compiled=compiled, x=x: compiled(params, x).block_until_ready()
+    return fixed, runners
 
 
 def bench_data(args) -> dict[str, float]:
@@ -164,8 +172,8 @@ def bench_data(args) -> dict[str, float]:
     return {'data_images_per_s': n * args.batch / seconds, 'data_dataset': config.dataset}
 
 
-def bench_torch(model, args, modes: set[str]) -> dict[str, float]:
-    """The same ViT in PyTorch (Hugging Face transformers), AdamW, same batch, size and threads."""
+def prepare_torch(model, args, modes: set[str]) -> dict[str, Callable[[], Any]]:
+    """Runners for the same ViT in PyTorch (Hugging Face transformers), AdamW, same batch, size and threads."""
     import torch
     import transformers
     if not isinstance(model, models.VisionTransformer) or model.stem != 'patch' or model.distilled:
@@ -176,40 +184,33 @@ def bench_torch(model, args, modes: set[str]) -> dict[str, float]:
         intermediate_size=model.mlp_dim, image_size=args.image_size, patch_size=model.patch_size,
         num_labels=args.num_classes, hidden_act='gelu_pytorch_tanh' if model.gelu_approximate else 'gelu',
         layer_norm_eps=model.layer_norm_eps, attn_implementation='sdpa')
-    net = transformers.ViTForImageClassification(config)
+    train_net = transformers.ViTForImageClassification(config)
+    eval_net = transformers.ViTForImageClassification(config).eval()
     images = torch.randn(args.batch, 3, args.image_size, args.image_size)
     labels = torch.randint(0, args.num_classes, (args.batch,))
     dtype = torch.bfloat16 if args.dtype == 'bfloat16' else None
-    out = {}
+    runners = {}
     if 'train' in modes:
-        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.05)
-        net.train()
+        optimizer = torch.optim.AdamW(train_net.parameters(), lr=1e-3, weight_decay=0.05)
+        train_net.train()
 
         def step():
             with torch.autocast('cpu', dtype=dtype, enabled=dtype is not None):
-                loss = torch.nn.functional.cross_entropy(net(pixel_values=images).logits, labels)
+                loss = torch.nn.functional.cross_entropy(train_net(pixel_values=images).logits, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(train_net.parameters(), 1.0)
             optimizer.step()
 
-        seconds = median_seconds(step, args.steps, args.warmup)
-        out['torch_train_images_per_s'] = args.batch / seconds
+        runners['torch_train'] = step
     if 'infer' in modes:
-        net.eval()
-        for batch in (args.batch, 1):
-            x = images[:batch] if batch <= args.batch else torch.randn(batch, 3, args.image_size, args.image_size)
-
-            def forward(x=x):
+        for batch, name in ((args.batch, 'torch_infer'), (1, 'torch_infer_batch1')):
+            def forward(x=images[:batch]):
                 with torch.no_grad(), torch.autocast('cpu', dtype=dtype, enabled=dtype is not None):
-                    net(pixel_values=x)
+                    eval_net(pixel_values=x)
 
-            seconds = median_seconds(forward, args.steps, args.warmup)
-            if batch == args.batch:
-                out['torch_infer_images_per_s'] = batch / seconds
-            else:
-                out['torch_infer_latency_ms_batch1'] = 1e3 * seconds
-    return out
+            runners[name] = forward
+    return runners
 
 
 def run(args) -> dict[str, Any]:
@@ -218,14 +219,34 @@ def run(args) -> dict[str, Any]:
     result: dict[str, Any] = dict(
         model=args.model, batch=args.batch, image_size=args.image_size, dtype=args.dtype, mode=args.mode,
         backend=jax.default_backend(), device=str(jax.devices()[0].device_kind), num_devices=jax.device_count(),
-        threads=args.threads)
-    peak = matmul_peak(args.dtype)
+        threads=args.threads, malloc_tuned=host_memory.malloc_configured())
+    peak_flops, runners = matmul_peak(args.dtype)
+    runners = {'matmul_peak': runners}
+    fixed: dict[str, float] = {}
+    if 'train' in modes:
+        train_fixed, runners['train'] = prepare_train(model, args)
+        fixed.update(train_fixed)
+    if 'infer' in modes:
+        infer_fixed, infer_runners = prepare_infer(model, args)
+        fixed.update(infer_fixed)
+        runners.update(infer_runners)
+    if args.compare == 'torch':
+        runners.update(prepare_torch(model, args, modes))
+    seconds = interleaved_median_seconds(runners, args.steps, args.warmup)
+
+    peak = peak_flops / seconds['matmul_peak']
     result['matmul_peak_flops_per_s'] = peak
     if 'train' in modes:
-        result.update(bench_train(model, args))
+        flops = fixed['train_flops_per_step']
+        result.update(train_compile_s=fixed['train_compile_s'], train_step_s=seconds['train'],
+                      train_images_per_s=args.batch / seconds['train'], train_flops_per_image=flops / args.batch,
+                      train_flops_per_s=flops / seconds['train'], train_devices=fixed['train_devices'])
         result['train_utilisation'] = result['train_flops_per_s'] / (peak * result['train_devices'])
     if 'infer' in modes:
-        result.update(bench_infer(model, args))
+        flops = fixed['infer_flops_per_step']
+        result.update(infer_compile_s=fixed['infer_compile_s'], infer_images_per_s=args.batch / seconds['infer'],
+                      infer_flops_per_image=flops / args.batch, infer_flops_per_s=flops / seconds['infer'],
+                      infer_latency_ms_batch1=1e3 * seconds['infer_batch1'])
         result['infer_utilisation'] = result['infer_flops_per_s'] / peak
     analytic = analytic_vit_flops(model)
     if analytic:
@@ -237,11 +258,13 @@ def run(args) -> dict[str, Any]:
         if 'train_images_per_s' in result:
             result['data_over_train_images_per_s'] = result['data_images_per_s'] / result['train_images_per_s']
     if args.compare == 'torch':
-        result.update(bench_torch(model, args, modes))
-        for key in ('train_images_per_s', 'infer_images_per_s'):
-            if f'torch_{key}' in result:
-                result[f'ratio_{key}'] = result[key] / result[f'torch_{key}']
-        if 'torch_infer_latency_ms_batch1' in result:
+        for mode in ('train', 'infer'):
+            if f'torch_{mode}' in seconds:
+                result[f'torch_{mode}_images_per_s'] = args.batch / seconds[f'torch_{mode}']
+                result[f'ratio_{mode}_images_per_s'] = (result[f'{mode}_images_per_s'] /
+                                                        result[f'torch_{mode}_images_per_s'])
+        if 'torch_infer_batch1' in seconds:
+            result['torch_infer_latency_ms_batch1'] = 1e3 * seconds['torch_infer_batch1']
             result['ratio_infer_latency_batch1'] = (result['infer_latency_ms_batch1'] /
                                                     result['torch_infer_latency_ms_batch1'])
     result['host_peak_memory_bytes'] = host_peak_memory_bytes()

@@ -9,6 +9,10 @@ cluster, run the same command on every host with ``--distributed``.
 import logging as pylogging
 import os
 
+if __name__ == '__main__':  # before the heavy imports: this may re-execute the command once (see host_memory)
+    from vit_jax import host_memory
+    host_memory.configure_malloc()
+
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import app, flags, logging  # noqa: E402

@@ -1,0 +1,83 @@
+"""glibc malloc settings for XLA on CPU: without them a train step spent a third of its time in page faults.
+
+XLA on CPU allocates each step's temporary buffers afresh (for the ViT-Ti/16 train step at batch 32, one 1.8 GB
+block), and glibc's malloc serves a block that large with mmap and unmaps it on free, so every step faults its whole
+working memory in again, 4 KiB at a time. Measured on this project's 2-core CPU: 458,000 page faults and 1.2 s of
+kernel time per step, and a 2.0 s step. PyTorch caches its memory and barely faults. Four glibc tunables fix it:
+
+    glibc.malloc.mmap_max=0          never mmap: large blocks come from the heap, so freed memory is reused
+    glibc.malloc.arena_max=1         one heap for all threads (only the main heap grows past 64 MiB in one piece)
+    glibc.malloc.trim_threshold=2^34 never hand the heap back to the kernel between steps
+    glibc.malloc.hugetlb=1           back the heap with transparent huge pages (fewer TLB misses; glibc >= 2.35)
+
+With them the same step makes no page faults after the first, spends 0.1 s in the kernel and takes 1.3-1.4 s,
+alternating with PyTorch's step in one process or not. The cost: the process keeps its peak host memory until it
+exits, which is what a training run does anyway.
+
+glibc reads tunables only when a process starts, so the command-line entry points (``python -m vit_jax.main``,
+``python -m vit_jax.bench``) re-execute themselves once with them, before their heavy imports. The Makefile sets
+them for the tests and the demo. Set ``VIT_JAX_MALLOC=0`` to opt out; a ``GLIBC_TUNABLES`` that already names any
+``glibc.malloc`` tunable is left as it is.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+TUNABLES = ('glibc.malloc.mmap_max=0', 'glibc.malloc.arena_max=1', f'glibc.malloc.trim_threshold={2 ** 34}')
+HUGE_PAGES = 'glibc.malloc.hugetlb=1'
+THP_SETTING = '/sys/kernel/mm/transparent_hugepage/enabled'
+
+
+def transparent_huge_pages() -> str:
+    """The kernel's THP mode ('always', 'madvise' or 'never'), or 'unavailable' where there is no such setting."""
+    try:
+        with open(THP_SETTING) as f:
+            text = f.read()
+    except OSError:
+        return 'unavailable'
+    start, end = text.find('['), text.find(']')
+    return text[start + 1:end] if 0 <= start < end else 'unavailable'
+
+
+def glibc_version() -> tuple[int, int] | None:
+    try:
+        name, version = os.confstr('CS_GNU_LIBC_VERSION').split()  # e.g. 'glibc 2.36'
+        major, minor = version.split('.')[:2]
+        return int(major), int(minor)
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def recommended_tunables() -> list[str]:
+    """The tunables this machine supports, or [] where glibc is not the C library."""
+    version = glibc_version()
+    if sys.platform != 'linux' or version is None:
+        return []
+    tunables = list(TUNABLES)
+    if version >= (2, 35) and transparent_huge_pages() in ('always', 'madvise'):
+        tunables.append(HUGE_PAGES)
+    return tunables
+
+
+def malloc_configured() -> bool:
+    """Whether this process runs with the recommended tunables."""
+    current = os.environ.get('GLIBC_TUNABLES', '').split(':')
+    wanted = recommended_tunables()
+    return bool(wanted) and all(t in current for t in wanted)
+
+
+def configure_malloc() -> None:
+    """Re-executes this command once with the recommended tunables; returns at once where that is not needed.
+
+    Only call this from a ``__main__`` entry point, before anything slow has run: the process is replaced.
+    """
+    tunables = os.environ.get('GLIBC_TUNABLES', '')
+    wanted = recommended_tunables()
+    if not wanted or os.environ.get('VIT_JAX_MALLOC', '1') == '0' or 'glibc.malloc.' in tunables:
+        return
+    env = dict(os.environ, GLIBC_TUNABLES=':'.join(([tunables] if tunables else []) + wanted))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, sys.orig_argv, env)
