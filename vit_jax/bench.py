@@ -41,9 +41,9 @@ from vit_jax.train.optim import create_optimizer  # noqa: E402
 from vit_jax.train.step import init_state, make_train_step  # noqa: E402
 
 
-def interleaved_median_seconds(runners: dict[str, Callable[[], Any]], steps: int,
-                               warmup: int) -> dict[str, float]:
-    """Median wall time of each runner (each must block until its work is done) over ``steps`` rounds.
+def interleaved_seconds(runners: dict[str, Callable[[], Any]], steps: int,
+                        warmup: int) -> dict[str, list[float]]:
+    """Wall times of each runner (each must block until its work is done) over ``steps`` rounds.
 
     The runners take turns within every round (ours, then PyTorch's, then the matmul peak, ...), so that a shared
     machine's drift in speed during the run slows every figure alike and the ratios between them stay fair.
@@ -57,7 +57,7 @@ def interleaved_median_seconds(runners: dict[str, Callable[[], Any]], steps: int
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
 
 
 def matmul_peak(dtype: str) -> tuple[float, Callable[[], Any]]:
@@ -162,9 +162,10 @@ def bench_data(args) -> dict[str, float]:
     if args.dataset:  # e.g. 'folder:/path' to measure a recipe's augmentation where its dataset is not prepared
         config.dataset, config.train_split = args.dataset, 'train'
     it = data.train_iterator(config, seed=0)
-    for _ in range(args.warmup * 5):
+    # tf.data's autotuner ramps its parallelism up over the first batches: warm up long enough to see its rate.
+    for _ in range(max(args.warmup * 5, 50)):
         next(it)
-    n = max(args.steps * 5, 20)
+    n = max(args.steps * 5, 200)
     start = time.perf_counter()
     for _ in range(n):
         next(it)
@@ -232,9 +233,11 @@ def run(args) -> dict[str, Any]:
         runners.update(infer_runners)
     if args.compare == 'torch':
         runners.update(prepare_torch(model, args, modes))
-    seconds = interleaved_median_seconds(runners, args.steps, args.warmup)
+    times = interleaved_seconds(runners, args.steps, args.warmup)
+    seconds = {name: statistics.median(t) for name, t in times.items()}
 
-    peak = peak_flops / seconds['matmul_peak']
+    # The peak is the best the matmul did (the median of everything else): utilisation errs on the low side.
+    peak = peak_flops / min(times['matmul_peak'])
     result['matmul_peak_flops_per_s'] = peak
     if 'train' in modes:
         flops = fixed['train_flops_per_step']
