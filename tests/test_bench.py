@@ -29,3 +29,14 @@ def test_harness_reports_every_figure(tmp_path, capsys):
     assert 2.5 < result['train_flops_per_image'] / result['infer_flops_per_image'] < 4.0
     assert result['ratio_train_images_per_s'] == result['train_images_per_s'] / result['torch_train_images_per_s']
     assert result['data_dataset'] == 'sklearn_digits'
+    assert result['torch_model'] == 'export'  # our own PyTorch mirror of the model, where vit_jax.export has one
+
+
+def test_huggingface_reference_and_families_beyond_vit(capsys):
+    hf = bench.main(TINY + ['--mode', 'infer', '--compare', 'torch', '--torch-model', 'huggingface'])
+    assert hf['torch_model'] == 'huggingface' and hf['torch_infer_images_per_s'] > 0
+    # The exported mirror covers every family, so T2T-ViT compares too (Hugging Face has no T2T-ViT).
+    t2t = bench.main(['--model', 't2t_vit_t14', '--override', 'num_layers=1', '--image-size', '32', '--batch', '8',
+                      '--num-classes', '10', '--steps', '1', '--warmup', '1', '--mode', 'train', '--compare', 'torch'])
+    assert t2t['torch_model'] == 'export' and t2t['torch_train_images_per_s'] > 0
+    assert t2t['ratio_train_images_per_s'] == t2t['train_images_per_s'] / t2t['torch_train_images_per_s']

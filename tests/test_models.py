@@ -114,6 +114,27 @@ def test_intermediates_and_attention_weights():
     np.testing.assert_allclose(logits, model.apply({'params': params}, images(size)), atol=1e-5)
 
 
+def test_accelerator_attention_path_matches_cpu_path(monkeypatch):
+    """GPUs / TPUs take jax.nn.dot_product_attention (token-major in and out); CPU takes softmax_attention.
+
+    Both feed the output projection head-major; forcing the accelerator branch here (its XLA implementation runs
+    on CPU) checks that the layouts line up, with gradients.
+    """
+    overrides, (size, _) = FAMILIES['vit_ti16']
+    model = models.create_model('vit_ti16', num_classes=5, image_size=size, **overrides)
+    params = perturb(init(model))
+
+    def loss(p):
+        return jnp.sum(model.apply({'params': p}, images(size)) ** 2)
+
+    cpu_loss, cpu_grads = jax.value_and_grad(loss)(params)
+    monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+    accel_loss, accel_grads = jax.value_and_grad(loss)(params)
+    np.testing.assert_allclose(accel_loss, cpu_loss, rtol=1e-5)
+    for a, c in zip(jax.tree.leaves(accel_grads), jax.tree.leaves(cpu_grads)):
+        np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5)
+
+
 def test_embed_encode_classify_compose():
     """Objectives reach inside the model through these three methods (e.g. masked patch prediction)."""
     overrides, (size, _) = FAMILIES['vit_ti16']

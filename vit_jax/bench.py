@@ -6,10 +6,10 @@ Every figure is a median over repeated steps after warm-up and compilation (comp
 The train step is the training system's own (``vit_jax.train.step``: forward, backward, AdamW update, sharded over all
 devices on a data mesh). FLOPs per image come from XLA's cost analysis and are cross-checked against the analytic count
 of a ViT; utilisation is achieved FLOP/s over the device's matmul peak, which the harness measures itself with a large
-matmul in the same run. ``--compare torch`` runs the same model in PyTorch (Hugging Face transformers' ViT with the
-same config) with AdamW, the same batch, resolution and threads, in the same process, and reports ours / torch.
-All timed things take turns within each round (ours, PyTorch's, the peak matmul), so a shared machine's drift in
-speed during the run hits them alike.
+matmul in the same run. ``--compare torch`` runs the same model in PyTorch (our exported mirror from
+``vit_jax.export``, or with ``--torch-model huggingface`` transformers' ViT with SDPA attention) with AdamW, the
+same batch, resolution and threads, in the same process, and reports ours / torch. All timed things take turns
+within each round (ours, PyTorch's, the peak matmul), so a shared machine's drift in speed hits them alike.
 It prints a table and, last, one JSON line with every figure.
 """
 
@@ -111,6 +111,9 @@ def prepare_train(model, args) -> tuple[dict[str, float], Callable[[], Any]]:
     Returns the fixed figures (compile time, FLOPs) and a runner for one step.
     """
     mesh = sharding.create_mesh()
+    if args.batch % mesh.size:
+        raise ValueError(f'--batch {args.batch} does not split over the {mesh.size} devices of the data mesh: give a '
+                         f'multiple of {mesh.size}.')
     opt = base_config().optimizer
     opt.update(name='adamw', learning_rate=1e-3, weight_decay=0.05, warmup_steps=10, grad_clip_norm=1.0)
     tx, schedule = create_optimizer(opt, 1000)
@@ -173,20 +176,47 @@ def bench_data(args) -> dict[str, float]:
     return {'data_images_per_s': n * args.batch / seconds, 'data_dataset': config.dataset}
 
 
-def prepare_torch(model, args, modes: set[str]) -> dict[str, Callable[[], Any]]:
-    """Runners for the same ViT in PyTorch (Hugging Face transformers), AdamW, same batch, size and threads."""
-    import torch
+def torch_reference(model, args) -> tuple[str, Callable[[], Any]]:
+    """Which PyTorch model ``--compare torch`` runs, and a factory of fresh instances of it.
+
+    ``export``: our own PyTorch mirror of the model (``vit_jax.export``; every family it supports, explicit-softmax
+    attention). ``huggingface``: transformers' ViT with the same config and SDPA attention (patch-stem ViT only). ``auto`` takes ``export`` where it supports the model, else ``huggingface``.
+    """
+    from vit_jax.export import convert
+    choice = args.torch_model
+    if choice == 'auto':
+        try:
+            convert.check_supported(convert.model_config(model))
+            choice = 'export'
+        except convert.ExportError:
+            choice = 'huggingface'
+    if choice == 'export':
+        params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, args.image_size, args.image_size, 3)))
+        params = jax.device_get(params['params'])
+        return 'export', lambda: convert.to_torch(model, params)
     import transformers
     if not isinstance(model, models.VisionTransformer) or model.stem != 'patch' or model.distilled:
-        raise ValueError(f'--compare torch supports patch-stem ViT / DeiT models; {args.model} is not one.')
-    torch.set_num_threads(args.threads)
+        raise ValueError(f'--torch-model huggingface supports patch-stem ViT models; {args.model} is not one '
+                         f'(use --torch-model export).')
     config = transformers.ViTConfig(
         hidden_size=model.hidden_size, num_hidden_layers=model.num_layers, num_attention_heads=model.num_heads,
         intermediate_size=model.mlp_dim, image_size=args.image_size, patch_size=model.patch_size,
         num_labels=args.num_classes, hidden_act='gelu_pytorch_tanh' if model.gelu_approximate else 'gelu',
         layer_norm_eps=model.layer_norm_eps, attn_implementation='sdpa')
-    train_net = transformers.ViTForImageClassification(config)
-    eval_net = transformers.ViTForImageClassification(config).eval()
+
+    class Logits(transformers.ViTForImageClassification):
+        def forward(self, images):  # noqa: D102 (the same call as our exported module)
+            return super().forward(pixel_values=images).logits
+
+    return 'huggingface', lambda: Logits(config)
+
+
+def prepare_torch(model, args, modes: set[str]) -> tuple[str, dict[str, Callable[[], Any]]]:
+    """Runners for the same model in PyTorch (see ``torch_reference``), AdamW, same batch, size and threads."""
+    import torch
+    torch.set_num_threads(args.threads)
+    reference, build = torch_reference(model, args)
+    train_net, eval_net = build(), build().eval()
     images = torch.randn(args.batch, 3, args.image_size, args.image_size)
     labels = torch.randint(0, args.num_classes, (args.batch,))
     dtype = torch.bfloat16 if args.dtype == 'bfloat16' else None
@@ -197,7 +227,7 @@ def prepare_torch(model, args, modes: set[str]) -> dict[str, Callable[[], Any]]:
 
         def step():
             with torch.autocast('cpu', dtype=dtype, enabled=dtype is not None):
-                loss = torch.nn.functional.cross_entropy(train_net(pixel_values=images).logits, labels)
+                loss = torch.nn.functional.cross_entropy(train_net(images), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(train_net.parameters(), 1.0)
@@ -208,10 +238,10 @@ def prepare_torch(model, args, modes: set[str]) -> dict[str, Callable[[], Any]]:
         for batch, name in ((args.batch, 'torch_infer'), (1, 'torch_infer_batch1')):
             def forward(x=images[:batch]):
                 with torch.no_grad(), torch.autocast('cpu', dtype=dtype, enabled=dtype is not None):
-                    eval_net(pixel_values=x)
+                    eval_net(x)
 
             runners[name] = forward
-    return runners
+    return reference, runners
 
 
 def run(args) -> dict[str, Any]:
@@ -232,7 +262,8 @@ def run(args) -> dict[str, Any]:
         fixed.update(infer_fixed)
         runners.update(infer_runners)
     if args.compare == 'torch':
-        runners.update(prepare_torch(model, args, modes))
+        result['torch_model'], torch_runners = prepare_torch(model, args, modes)
+        runners.update(torch_runners)
     times = interleaved_seconds(runners, args.steps, args.warmup)
     seconds = {name: statistics.median(t) for name, t in times.items()}
 
@@ -297,6 +328,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--mode', choices=('train', 'infer', 'data', 'all'), default='all')
     parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32')
     parser.add_argument('--compare', choices=('none', 'torch'), default='none')
+    parser.add_argument('--torch-model', choices=('auto', 'export', 'huggingface'), default='auto',
+                        help="--compare torch's model: our exported PyTorch mirror (vit_jax.export) where it exists "
+                             "(auto), or Hugging Face transformers' ViT with SDPA attention")
     parser.add_argument('--config', default='configs/quickstart.py', help='the recipe whose input pipeline --mode '
                                                                           'data measures')
     parser.add_argument('--data-dir', default=None)
