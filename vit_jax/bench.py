@@ -180,7 +180,8 @@ def torch_reference(model, args) -> tuple[str, Callable[[], Any]]:
     """Which PyTorch model ``--compare torch`` runs, and a factory of fresh instances of it.
 
     ``export``: our own PyTorch mirror of the model (``vit_jax.export``; every family it supports, explicit-softmax
-    attention). ``huggingface``: transformers' ViT with the same config and SDPA attention (patch-stem ViT only). ``auto`` takes ``export`` where it supports the model, else ``huggingface``.
+    attention). ``huggingface``: transformers' ViT with the same config and SDPA attention (patch-stem ViT only).
+    ``auto`` takes ``export`` where it supports the model, else ``huggingface``.
     """
     from vit_jax.export import convert
     choice = args.torch_model
@@ -251,8 +252,8 @@ def run(args) -> dict[str, Any]:
         model=args.model, batch=args.batch, image_size=args.image_size, dtype=args.dtype, mode=args.mode,
         backend=jax.default_backend(), device=str(jax.devices()[0].device_kind), num_devices=jax.device_count(),
         threads=args.threads, malloc_tuned=host_memory.malloc_configured())
-    peak_flops, runners = matmul_peak(args.dtype)
-    runners = {'matmul_peak': runners}
+    peak_flops, peak_runner = matmul_peak(args.dtype)
+    runners = {'matmul_peak': peak_runner}
     fixed: dict[str, float] = {}
     if 'train' in modes:
         train_fixed, runners['train'] = prepare_train(model, args)
