@@ -213,13 +213,21 @@ def torch_reference(model, args) -> tuple[str, Callable[[], Any]]:
 
 
 def prepare_torch(model, args, modes: set[str]) -> tuple[str, dict[str, Callable[[], Any]]]:
-    """Runners for the same model in PyTorch (see ``torch_reference``), AdamW, same batch, size and threads."""
+    """Runners for the same model in PyTorch (see ``torch_reference``), AdamW, same batch, size and threads.
+
+    PyTorch runs where JAX does: on the GPU when JAX's backend is one and this PyTorch build has CUDA.
+    """
     import torch
     torch.set_num_threads(args.threads)
+    if jax.default_backend() == 'gpu' and not torch.cuda.is_available():
+        raise ValueError('JAX runs on a GPU but this PyTorch build has no CUDA: --compare torch would compare a GPU '
+                         'with the CPU. Install a CUDA build of torch, or drop --compare torch.')
+    device = 'cuda' if jax.default_backend() == 'gpu' else 'cpu'
+    sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
     reference, build = torch_reference(model, args)
-    train_net, eval_net = build(), build().eval()
-    images = torch.randn(args.batch, 3, args.image_size, args.image_size)
-    labels = torch.randint(0, args.num_classes, (args.batch,))
+    train_net, eval_net = build().to(device), build().to(device).eval()
+    images = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
+    labels = torch.randint(0, args.num_classes, (args.batch,), device=device)
     dtype = torch.bfloat16 if args.dtype == 'bfloat16' else None
     runners = {}
     if 'train' in modes:
@@ -227,19 +235,21 @@ def prepare_torch(model, args, modes: set[str]) -> tuple[str, dict[str, Callable
         train_net.train()
 
         def step():
-            with torch.autocast('cpu', dtype=dtype, enabled=dtype is not None):
+            with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
                 loss = torch.nn.functional.cross_entropy(train_net(images), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(train_net.parameters(), 1.0)
             optimizer.step()
+            sync()
 
         runners['torch_train'] = step
     if 'infer' in modes:
         for batch, name in ((args.batch, 'torch_infer'), (1, 'torch_infer_batch1')):
             def forward(x=images[:batch]):
-                with torch.no_grad(), torch.autocast('cpu', dtype=dtype, enabled=dtype is not None):
+                with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=dtype is not None):
                     eval_net(x)
+                sync()
 
             runners[name] = forward
     return reference, runners
