@@ -10,14 +10,15 @@ kernel time per step, and a 2.0 s step. PyTorch caches its memory and barely fau
     glibc.malloc.trim_threshold=2^34 never hand the heap back to the kernel between steps
     glibc.malloc.hugetlb=1           back the heap with transparent huge pages (fewer TLB misses; glibc >= 2.35)
 
-With them the same step makes no page faults after the first, spends 0.1 s in the kernel and takes 1.3-1.4 s,
+With them the same step makes no page faults after the first, spends 0.1 s in the kernel and takes 1.25-1.45 s,
 alternating with PyTorch's step in one process or not. The cost: the process keeps its peak host memory until it
 exits, which is what a training run does anyway.
 
 glibc reads tunables only when a process starts, so the command-line entry points (``python -m vit_jax.main``,
-``python -m vit_jax.bench``) re-execute themselves once with them, before their heavy imports. The Makefile sets
-them for the tests and the demo. Set ``VIT_JAX_MALLOC=0`` to opt out; a ``GLIBC_TUNABLES`` that already names any
-``glibc.malloc`` tunable is left as it is.
+``python -m vit_jax.bench``) re-execute themselves once with them, before their heavy imports (so ``make demo``
+trains with them). ``make test`` does not set them for its own process: its models are tiny and compile-bound.
+Set ``VIT_JAX_MALLOC=0`` to opt out; a ``GLIBC_TUNABLES`` that already names any ``glibc.malloc`` tunable is left
+as it is.
 """
 
 from __future__ import annotations
