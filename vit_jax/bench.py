@@ -34,30 +34,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from vit_jax import host_memory, models, sharding  # noqa: E402
+from vit_jax import host_memory, models, sharding, timing  # noqa: E402
 from vit_jax.objectives import Supervised  # noqa: E402
 from vit_jax.train.config import base_config, load_config  # noqa: E402
 from vit_jax.train.optim import create_optimizer  # noqa: E402
 from vit_jax.train.step import init_state, make_train_step  # noqa: E402
-
-
-def interleaved_seconds(runners: dict[str, Callable[[], Any]], steps: int,
-                        warmup: int) -> dict[str, list[float]]:
-    """Wall times of each runner (each must block until its work is done) over ``steps`` rounds.
-
-    The runners take turns within every round (ours, then PyTorch's, then the matmul peak, ...), so that a shared
-    machine's drift in speed during the run slows every figure alike and the ratios between them stay fair.
-    """
-    for _ in range(warmup):
-        for fn in runners.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(steps):
-        for name, fn in runners.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def matmul_peak(dtype: str) -> tuple[float, Callable[[], Any]]:
@@ -275,7 +256,8 @@ def run(args) -> dict[str, Any]:
     if args.compare == 'torch':
         result['torch_model'], torch_runners = prepare_torch(model, args, modes)
         runners.update(torch_runners)
-    times = interleaved_seconds(runners, args.steps, args.warmup)
+    # Ours, PyTorch's and the peak matmul take turns, so the machine's drift in speed hits them alike.
+    times = timing.round_robin_seconds(runners, args.warmup, args.steps)
     seconds = {name: statistics.median(t) for name, t in times.items()}
 
     # The peak is the best the matmul did (the median of everything else): utilisation errs on the low side.

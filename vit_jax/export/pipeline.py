@@ -16,7 +16,6 @@ import os
 import shutil
 import statistics
 import tempfile
-import time
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from flax.core import meta
 
+from vit_jax import timing
 from vit_jax.export import artefacts, convert
 from vit_jax.export.report import write_report
 
@@ -45,20 +45,8 @@ def _torch_fn(module: Any) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def time_per_image(fns: Mapping[str, Callable[[], Any]], warmup: int, repeats: int) -> dict[str, dict[str, float]]:
-    """Median and min milliseconds of each function, timed round-robin (one run of each in turn, ``repeats`` times).
-
-    Round-robin rather than one variant after the other, so that a burst of load from other jobs on the machine
-    slows every variant alike instead of whichever was being timed.
-    """
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - start)
+    """Median and min milliseconds of each function, timed round-robin (see ``vit_jax.timing``)."""
+    times = timing.round_robin_seconds(fns, warmup, repeats)
     return {k: {'median': 1e3 * statistics.median(t), 'min': 1e3 * min(t)} for k, t in times.items()}
 
 
