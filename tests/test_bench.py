@@ -40,3 +40,17 @@ def test_huggingface_reference_and_families_beyond_vit(capsys):
                       '--num-classes', '10', '--steps', '1', '--warmup', '1', '--mode', 'train', '--compare', 'torch'])
     assert t2t['torch_model'] == 'export' and t2t['torch_train_images_per_s'] > 0
     assert t2t['ratio_train_images_per_s'] == t2t['train_images_per_s'] / t2t['torch_train_images_per_s']
+
+
+def test_compile_mode_counts_model_flops_through_loops(capsys):
+    """XLA's cost analysis counts a loop body once: scanned layers and micro-batches must not shrink the count."""
+    two_layers = [{'num_layers=1': 'num_layers=2', '8': '64'}.get(a, a) for a in TINY] + ['--mode', 'compile']
+    plain = bench.main(two_layers)
+    looped = bench.main(two_layers + ['--override', 'scan_layers=true', '--override', 'remat=true',
+                                      '--microbatches', '4'])
+    assert plain['train_flops_per_image'] > 0 and plain['train_compile_s'] > 0
+    assert abs(looped['train_flops_per_image'] / plain['train_flops_per_image'] - 1) < 1e-3
+    # A quarter of the batch of 64 is alive at a time: XLA plans fewer temporaries (activations) for the step.
+    assert 0 < looped['train_planned_temp_bytes'] < 0.6 * plain['train_planned_temp_bytes']
+    assert plain['train_planned_bytes'] > plain['train_planned_temp_bytes']
+    assert 'train_images_per_s' not in plain  # nothing was run

@@ -18,7 +18,7 @@ BATCH = 16
 def optimizer_config(**overrides):
     defaults = dict(name='adamw', learning_rate=1e-3, warmup_steps=0, schedule='cosine', end_learning_rate=0.0,
                     b1=0.9, b2=0.999, eps=1e-8, momentum=0.9, nesterov=False, weight_decay=0.05, grad_clip_norm=1.0,
-                    accumulation_steps=1, ema_decay=0.0)
+                    accumulation_steps=1, microbatches=1, ema_decay=0.0)
     return ml_collections.ConfigDict({**defaults, **overrides})
 
 
@@ -30,14 +30,14 @@ def batches(n, num_classes=10):
                'labels': np.eye(num_classes, dtype=np.float32)[labels]}
 
 
-def run(mesh, steps=4, opt=None, ema=0.0):
+def run(mesh, steps=4, opt=None, ema=0.0, microbatches=1):
     model = models.create_model('vit_ti16', num_classes=10, image_size=IMAGE, patch_size=4, hidden_size=64,
                                 num_layers=2, num_heads=4, mlp_dim=128, dropout_rate=0.1, drop_path_rate=0.1)
     opt = opt or optimizer_config()
     tx, schedule = create_optimizer(opt, 10)
     state, shardings = init_state(model, tx, mesh, IMAGE, seed=0, use_ema=ema > 0)
     step = make_train_step(Supervised(model), tx, shardings, mesh, schedule, seed=0, ema_decay=ema,
-                           accumulation_steps=opt.accumulation_steps)
+                           accumulation_steps=opt.accumulation_steps, microbatches=microbatches)
     losses = []
     for batch in batches(steps):
         batch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in batch.items()}
@@ -90,6 +90,40 @@ def test_gradient_accumulation_matches_the_large_batch():
     accumulated = final_params(optimizer_config(grad_clip_norm=0.0, accumulation_steps=2), half)
     for a, b in zip(jax.tree.leaves(big), jax.tree.leaves(accumulated)):
         np.testing.assert_allclose(a, b, atol=2e-6)
+
+
+@pytest.mark.parametrize('axes', [dict(data=8), dict(data=2, fsdp=2, tensor=2)])
+def test_microbatches_give_the_batch_gradient(axes):
+    """A step computed as 2 slices of the batch == the whole batch at once, on a sharded mesh (no dropout)."""
+    model = models.create_model('vit_ti16', num_classes=10, image_size=IMAGE, patch_size=4, hidden_size=64,
+                                num_layers=2, num_heads=4, mlp_dim=128)
+    mesh = sharding.create_mesh(**{'data': 1, **axes})
+    opt = optimizer_config()
+    tx, schedule = create_optimizer(opt, 10)
+    batch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in next(batches(1)).items()}
+    results = {}
+    for m in (1, 2):
+        state, shardings = init_state(model, tx, mesh, IMAGE, seed=0, use_ema=False)
+        step = make_train_step(Supervised(model), tx, shardings, mesh, schedule, 0, 0.0, microbatches=m)
+        state, metrics = step(state, batch)
+        results[m] = (jax.device_get(metrics), jax.device_get(state.params))
+    (metrics1, params1), (metrics2, params2) = results[1], results[2]
+    assert metrics1['grad_norm'] > 0.1
+    for key in ('train_loss', 'train_accuracy', 'grad_norm'):
+        np.testing.assert_allclose(metrics2[key], metrics1[key], rtol=1e-5, err_msg=key)
+    moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(params1), jax.tree.leaves(
+        init_state(model, tx, mesh, IMAGE, seed=0, use_ema=False)[0].params)))
+    assert moved > 1e-4  # the update is not empty
+    for a, b in zip(jax.tree.leaves(params2), jax.tree.leaves(params1)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_microbatches_must_divide_the_batch():
+    mesh = sharding.create_mesh(devices=jax.devices()[:1])
+    with pytest.raises(ValueError, match=r'A batch of 16 does not split into 3 micro-batches over the 1 batch'):
+        run(mesh, steps=1, microbatches=3)
+    with pytest.raises(ValueError, match=r'into 4 micro-batches over the 8 batch shards .* multiple of .* = 32'):
+        run(sharding.create_mesh(data=8), steps=1, microbatches=4)  # slices of 4 examples over 8 devices
 
 
 def test_ema_tracks_the_parameters():

@@ -38,7 +38,7 @@ from vit_jax import host_memory, models, sharding, timing  # noqa: E402
 from vit_jax.objectives import Supervised  # noqa: E402
 from vit_jax.train.config import base_config, load_config  # noqa: E402
 from vit_jax.train.optim import create_optimizer  # noqa: E402
-from vit_jax.train.step import init_state, make_train_step  # noqa: E402
+from vit_jax.train.step import abstract_state, init_state, make_train_step, state_shardings  # noqa: E402
 
 
 def matmul_peak(dtype: str) -> tuple[float, Callable[[], Any]]:
@@ -99,7 +99,8 @@ def prepare_train(model, args) -> tuple[dict[str, float], Callable[[], Any]]:
     opt.update(name='adamw', learning_rate=1e-3, weight_decay=0.05, warmup_steps=10, grad_clip_norm=1.0)
     tx, schedule = create_optimizer(opt, 1000)
     state, shardings = init_state(model, tx, mesh, args.image_size, seed=0, use_ema=False)
-    step = make_train_step(Supervised(model), tx, shardings, mesh, schedule, seed=0, ema_decay=0.0)
+    step = make_train_step(Supervised(model), tx, shardings, mesh, schedule, seed=0, ema_decay=0.0,
+                           microbatches=args.microbatches)
     rng = np.random.default_rng(0)
     batch = {'images': rng.normal(size=(args.batch, args.image_size, args.image_size, 3)).astype(np.float32),
              'labels': np.eye(args.num_classes, dtype=np.float32)[rng.integers(0, args.num_classes, args.batch)]}
@@ -107,15 +108,46 @@ def prepare_train(model, args) -> tuple[dict[str, float], Callable[[], Any]]:
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
-    # XLA's cost analysis of a partitioned program is per device: the step's total is that times the mesh size.
-    flops = float(compiled.cost_analysis().get('flops', 0.0)) * mesh.size
+    flops = model_train_flops(model, tx, mesh, schedule, batch, args.image_size)
     holder = [state]
+    fixed = {'train_compile_s': compile_s, 'train_flops_per_step': flops, 'train_devices': mesh.size,
+             **planned_memory(compiled, 'train')}
 
     def run():
         holder[0], metrics = compiled(holder[0], batch)
         metrics['train_loss'].block_until_ready()
 
-    return {'train_compile_s': compile_s, 'train_flops_per_step': flops, 'train_devices': mesh.size}, run
+    return fixed, run
+
+
+def model_train_flops(model, tx, mesh, schedule, batch, image_size: int) -> float:
+    """XLA's count of one train step's model FLOPs, on the step's unrolled twin (all devices together).
+
+    XLA's cost analysis counts the body of a loop once, so a step that scans over layers (``scan_layers``) or over
+    micro-batches would be undercounted: the twin has neither, and no remat (whose recomputation is not model work).
+    It is only lowered, never compiled or run.
+    """
+    twin = model.clone(**{f: False for f in ('scan_layers', 'remat') if getattr(model, f, False)})
+    state = abstract_state(twin, tx, mesh, image_size, use_ema=False)
+    step = make_train_step(Supervised(twin), tx, state_shardings(twin, tx, mesh, image_size, False), mesh, schedule,
+                           seed=0, ema_decay=0.0)
+    # The cost analysis of a program partitioned over the mesh is per device: the step's total is that times its size.
+    return float(step.lower(state, batch).cost_analysis().get('flops', 0.0)) * mesh.size
+
+
+def planned_memory(compiled, prefix: str) -> dict[str, int]:
+    """XLA's memory plan of a compiled program, per device: in all, and its temporaries (activations and the like).
+
+    Known at compile time, so ``--mode compile`` says whether a batch fits a device without running it; it is the
+    plan of the backend that compiled it (a CPU plan only approximates a GPU's).
+    """
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return {}
+    # Arguments (the state, the batch) + outputs (the donated state aliases its input) + temporaries.
+    total = (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+             + stats.temp_size_in_bytes)
+    return {f'{prefix}_planned_bytes': int(total), f'{prefix}_planned_temp_bytes': int(stats.temp_size_in_bytes)}
 
 
 def prepare_infer(model, args) -> tuple[dict[str, float], dict[str, Callable[[], Any]]]:
@@ -215,11 +247,12 @@ def prepare_torch(model, args, modes: set[str]) -> tuple[str, dict[str, Callable
         optimizer = torch.optim.AdamW(train_net.parameters(), lr=1e-3, weight_decay=0.05)
         train_net.train()
 
-        def step():
-            with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
-                loss = torch.nn.functional.cross_entropy(train_net(images), labels)
+        def step():  # with --microbatches, the same slices in turn: the batch's gradient, as ours
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            for x, y in zip(images.chunk(args.microbatches), labels.chunk(args.microbatches)):
+                with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+                    loss = torch.nn.functional.cross_entropy(train_net(x), y) / args.microbatches
+                loss.backward()
             torch.nn.utils.clip_grad_norm_(train_net.parameters(), 1.0)
             optimizer.step()
             sync()
@@ -237,12 +270,14 @@ def prepare_torch(model, args, modes: set[str]) -> tuple[str, dict[str, Callable
 
 
 def run(args) -> dict[str, Any]:
+    if args.mode == 'compile':
+        return compile_only(args)
     modes = {'train', 'infer', 'data'} if args.mode == 'all' else {args.mode}
     model = build_model(args)
     result: dict[str, Any] = dict(
         model=args.model, batch=args.batch, image_size=args.image_size, dtype=args.dtype, mode=args.mode,
         backend=jax.default_backend(), device=str(jax.devices()[0].device_kind), num_devices=jax.device_count(),
-        threads=args.threads, malloc_tuned=host_memory.malloc_configured())
+        microbatches=args.microbatches, threads=args.threads, malloc_tuned=host_memory.malloc_configured())
     peak_flops, peak_runner = matmul_peak(args.dtype)
     runners = {'matmul_peak': peak_runner}
     fixed: dict[str, float] = {}
@@ -267,7 +302,8 @@ def run(args) -> dict[str, Any]:
         flops = fixed['train_flops_per_step']
         result.update(train_compile_s=fixed['train_compile_s'], train_step_s=seconds['train'],
                       train_images_per_s=args.batch / seconds['train'], train_flops_per_image=flops / args.batch,
-                      train_flops_per_s=flops / seconds['train'], train_devices=fixed['train_devices'])
+                      train_flops_per_s=flops / seconds['train'], train_devices=fixed['train_devices'],
+                      **{k: v for k, v in fixed.items() if k.startswith('train_planned')})
         result['train_utilisation'] = result['train_flops_per_s'] / (peak * result['train_devices'])
     if 'infer' in modes:
         flops = fixed['infer_flops_per_step']
@@ -299,6 +335,22 @@ def run(args) -> dict[str, Any]:
     return result
 
 
+def compile_only(args) -> dict[str, Any]:
+    """``--mode compile``: the train step compiled, not run: compile time, model FLOPs and XLA's memory plan.
+
+    Whether a model and batch fit a device, and how long the step takes to compile, without the time to run it
+    (e.g. ``vit_l16`` at batch 128 with ``--override scan_layers=true --override remat=true``).
+    """
+    model = build_model(args)
+    fixed, _ = prepare_train(model, args)
+    return dict(model=args.model, batch=args.batch, image_size=args.image_size, dtype=args.dtype, mode=args.mode,
+                overrides=args.override, backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
+                num_devices=jax.device_count(), microbatches=args.microbatches, train_compile_s=fixed['train_compile_s'],
+                train_flops_per_image=fixed['train_flops_per_step'] / args.batch, train_devices=fixed['train_devices'],
+                **{k: v for k, v in fixed.items() if k.startswith('train_planned')},
+                host_peak_memory_bytes=host_peak_memory_bytes())
+
+
 def table(result: dict[str, Any]) -> str:
     lines = []
     for key, value in result.items():
@@ -316,9 +368,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--override', action='append', default=[], metavar='FIELD=VALUE',
                         help='a create_model override, e.g. --override num_layers=2 (repeatable)')
     parser.add_argument('--batch', type=int, default=32)
+    parser.add_argument('--microbatches', type=int, default=1,
+                        help='the train step computes its batch in this many slices in turn (the same gradient; '
+                             "config.optimizer.microbatches); PyTorch's step does the same")
     parser.add_argument('--image-size', type=int, default=224)
     parser.add_argument('--num-classes', type=int, default=1000)
-    parser.add_argument('--mode', choices=('train', 'infer', 'data', 'all'), default='all')
+    parser.add_argument('--mode', choices=('train', 'infer', 'data', 'all', 'compile'), default='all',
+                        help='compile: compile the train step without running it (compile time, FLOPs, memory plan)')
     parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32')
     parser.add_argument('--compare', choices=('none', 'torch'), default='none')
     parser.add_argument('--torch-model', choices=('auto', 'export', 'huggingface'), default='auto',

@@ -60,7 +60,9 @@ def base_config() -> ml_collections.ConfigDict:
         momentum=0.9, nesterov=False,  # sgd
         weight_decay=0.0,        # decoupled for adamw/sgd; L2 on gradients for adam (as vision_transformer)
         grad_clip_norm=0.0,      # global-norm clipping, 0 = off
-        accumulation_steps=1,    # gradient accumulation: micro-batches per update
+        accumulation_steps=1,    # gradient accumulation: one update per this many steps (MultiSteps)
+        microbatches=1,          # each step's batch computed in this many slices in turn: the same update,
+                                 # ~1/microbatches of the activation memory (and on CPU, faster: in cache)
         ema_decay=0.0,           # EMA of parameters (T2T: 0.99996), 0 = off
     ))
     c.total_steps = 0            # > 0 wins over num_epochs

@@ -161,7 +161,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  dict(mesh.shape))
 
     objective = create_objective(config.objective, model)
-    train_step = make_train_step(objective, tx, shardings, mesh, schedule, config.seed, opt.ema_decay, accumulation)
+    train_step = make_train_step(objective, tx, shardings, mesh, schedule, config.seed, opt.ema_decay, accumulation,
+                                 microbatches=int(opt.microbatches))
     eval_step = make_eval_step(model, mesh, shardings.params)
     batches = _device_batches(data.train_iterator(config, seed=config.seed, start_step=start_step,
                                                   process_index=jax.process_index(),
