@@ -346,7 +346,8 @@ def compile_only(args) -> dict[str, Any]:
     return dict(model=args.model, batch=args.batch, image_size=args.image_size, dtype=args.dtype, mode=args.mode,
                 overrides=args.override, backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
                 num_devices=jax.device_count(), microbatches=args.microbatches,
-                train_compile_s=fixed['train_compile_s'], train_flops_per_image=fixed['train_flops_per_step'] / args.batch, train_devices=fixed['train_devices'],
+                train_compile_s=fixed['train_compile_s'], train_devices=fixed['train_devices'],
+                train_flops_per_image=fixed['train_flops_per_step'] / args.batch,
                 **{k: v for k, v in fixed.items() if k.startswith('train_planned')},
                 host_peak_memory_bytes=host_peak_memory_bytes())
 
