@@ -122,6 +122,21 @@ def test_every_config_runs_two_steps(tmp_path, data_dir, name):
     assert ocp.CheckpointManager(str(tmp_path / 'checkpoints')).latest_step() == 2
 
 
+def test_microbatches_train_like_the_whole_batch(tmp_path, data_dir):
+    """config.optimizer.microbatches reaches the train step: 2 slices of 16 log the losses of the batch of 16."""
+    logged = {}
+    for m in (1, 2):
+        config = tiny(load_config('quickstart'), data_dir)
+        config.model.update(dropout_rate=0.0, drop_path_rate=0.0)  # no noise: slices draw theirs differently
+        config.batch_size, config.total_steps, config.log_every = 16, 4, 1
+        config.optimizer.microbatches = m
+        train_and_evaluate(config, str(tmp_path / str(m)))
+        logged[m] = read_metrics(tmp_path / str(m))
+    losses = {m: [r['train_loss'] for r in logged[m] if 'train_loss' in r] for m in logged}
+    assert len(losses[1]) == 4 and len(set(losses[1])) == 4  # it trains: four different losses
+    np.testing.assert_allclose(losses[2], losses[1], rtol=1e-5)
+
+
 def test_non_finite_loss_names_the_step_and_keeps_the_checkpoint(tmp_path, data_dir):
     config = load_config('quickstart')
     config.model.update(TINY_MODEL)
@@ -148,10 +163,13 @@ def test_non_finite_loss_names_the_step_and_keeps_the_checkpoint(tmp_path, data_
     (dict(model_name='vit_z16'), r"Unknown model 'vit_z16'"),
     (dict(image_size=18), r'image_size=18 is not divisible by patch_size=4'),
     (dict(dataset='cifar10'), r'cifar10.*(not prepared|not found|prepare)'),
+    (dict(microbatches=3), r'batch_size=128 does not split into config.optimizer.microbatches=3 slices over the 8'),
 ])
 def test_bad_configs_fail_before_compiling(tmp_path, data_dir, overrides, pattern):
     config = load_config('quickstart')
     config.data_dir = str(tmp_path / 'empty') if overrides.get('dataset') == 'cifar10' else data_dir
+    overrides = dict(overrides)
+    config.optimizer.microbatches = overrides.pop('microbatches', 1)
     config.update(overrides)
     with pytest.raises(ValueError, match=pattern):
         train_and_evaluate(config, str(tmp_path / 'work'))

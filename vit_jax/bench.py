@@ -10,7 +10,10 @@ matmul in the same run. ``--compare torch`` runs the same model in PyTorch (our 
 ``vit_jax.export``, or with ``--torch-model huggingface`` transformers' ViT with SDPA attention) with AdamW, the
 same batch, resolution and threads, in the same process, and reports ours / torch. All timed things take turns
 within each round (ours, PyTorch's, the peak matmul), so a shared machine's drift in speed hits them alike.
-It prints a table and, last, one JSON line with every figure.
+It prints a table and, last, one JSON line with every figure, including XLA's memory plan of the train step
+(``train_planned_bytes`` per device). ``--microbatches M`` runs the step as M slices of the batch in turn (the same
+gradient; ``config.optimizer.microbatches``), and PyTorch's step likewise. ``--mode compile`` compiles the train
+step without running it: compile time, FLOPs and the memory plan, e.g. whether ``vit_l16`` fits a batch.
 """
 
 from __future__ import annotations

@@ -55,6 +55,12 @@ def build(config: ml_collections.ConfigDict):
             raise ValueError(f'config.{field}={value} is not divisible by the {shards} batch shards of the mesh '
                              f'{dict(mesh.shape)} (data x fsdp) and {jax.process_count()} processes: use a multiple '
                              f'of {math.lcm(shards, jax.process_count())}.')
+    microbatches = config.optimizer.microbatches
+    if microbatches < 1 or config.batch_size % (microbatches * shards):
+        raise ValueError(f'config.batch_size={config.batch_size} does not split into '
+                         f'config.optimizer.microbatches={microbatches} slices over the {shards} batch shards of the '
+                         f'mesh: use a batch size that is a multiple of {max(microbatches, 1) * shards}, or fewer '
+                         f'micro-batches.')
     per_epoch = data.steps_per_epoch(config)
     if per_epoch < 1:
         raise ValueError(f'config.batch_size={config.batch_size} is larger than the {info.num_train_examples} '
