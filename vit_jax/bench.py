@@ -124,7 +124,7 @@ def prepare_train(model, args) -> tuple[dict[str, float], Callable[[], Any]]:
 
 
 def model_train_flops(model, tx, mesh, schedule, batch, image_size: int) -> float:
-    """XLA's count of one train step's model FLOPs, on the step's unrolled twin (all devices together).
+    """XLA's count of one train step's model FLOPs (all devices together), on the step's unrolled twin.
 
     XLA's cost analysis counts the body of a loop once, so a step that scans over layers (``scan_layers``) or over
     micro-batches would be undercounted: the twin has neither, and no remat (whose recomputation is not model work).
@@ -134,8 +134,8 @@ def model_train_flops(model, tx, mesh, schedule, batch, image_size: int) -> floa
     state = abstract_state(twin, tx, mesh, image_size, use_ema=False)
     step = make_train_step(Supervised(twin), tx, state_shardings(twin, tx, mesh, image_size, False), mesh, schedule,
                            seed=0, ema_decay=0.0)
-    # The cost analysis of a program partitioned over the mesh is per device: the step's total is that times its size.
-    return float(step.lower(state, batch).cost_analysis().get('flops', 0.0)) * mesh.size
+    # The lowered program is the global one, before it is partitioned over the mesh: its count is the whole step's.
+    return float(step.lower(state, batch).cost_analysis().get('flops', 0.0))
 
 
 def planned_memory(compiled, prefix: str) -> dict[str, int]:

@@ -91,6 +91,8 @@ def microbatched_grad(loss_fn: Callable, microbatches: int, mesh: Mesh) -> Calla
     every slice and the batch sharding needs no data movement. Slice ``i`` draws its noise (dropout, stochastic
     depth) from ``fold_in(rng, i)``.
     """
+    if microbatches < 1:
+        raise ValueError(f'microbatches={microbatches}: give 1 (the whole batch at once) or more slices.')
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if microbatches == 1:
         return grad_fn
