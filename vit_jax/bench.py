@@ -41,7 +41,7 @@ from vit_jax import host_memory, models, sharding, timing  # noqa: E402
 from vit_jax.objectives import Supervised  # noqa: E402
 from vit_jax.train.config import base_config, load_config  # noqa: E402
 from vit_jax.train.optim import create_optimizer  # noqa: E402
-from vit_jax.train.step import abstract_state, init_state, make_train_step, state_shardings  # noqa: E402
+from vit_jax.train.step import abstract_state, init_state, make_train_step  # noqa: E402
 
 
 def matmul_peak(dtype: str) -> tuple[float, Callable[[], Any]]:
@@ -92,7 +92,7 @@ def _parse(value: str):
 def prepare_train(model, args) -> tuple[dict[str, float], Callable[[], Any]]:
     """The training system's jitted train step on synthetic data, over all devices on a data mesh.
 
-    Returns the fixed figures (compile time, FLOPs) and a runner for one step.
+    Returns the figures known once it is compiled (compile time, model FLOPs, memory plan) and a runner for one step.
     """
     mesh = sharding.create_mesh()
     if args.batch % mesh.size:
@@ -113,7 +113,7 @@ def prepare_train(model, args) -> tuple[dict[str, float], Callable[[], Any]]:
     compile_s = time.perf_counter() - start
     flops = model_train_flops(model, tx, mesh, schedule, batch, args.image_size)
     holder = [state]
-    fixed = {'train_compile_s': compile_s, 'train_flops_per_step': flops, 'train_devices': mesh.size,
+    fixed = {'train_compile_s': compile_s, 'train_flops_per_image': flops / args.batch, 'train_devices': mesh.size,
              **planned_memory(compiled, 'train')}
 
     def run():
@@ -132,8 +132,8 @@ def model_train_flops(model, tx, mesh, schedule, batch, image_size: int) -> floa
     """
     twin = model.clone(**{f: False for f in ('scan_layers', 'remat') if getattr(model, f, False)})
     state = abstract_state(twin, tx, mesh, image_size, use_ema=False)
-    step = make_train_step(Supervised(twin), tx, state_shardings(twin, tx, mesh, image_size, False), mesh, schedule,
-                           seed=0, ema_decay=0.0)
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    step = make_train_step(Supervised(twin), tx, shardings, mesh, schedule, seed=0, ema_decay=0.0)
     # The lowered program is the global one, before it is partitioned over the mesh: its count is the whole step's.
     return float(step.lower(state, batch).cost_analysis().get('flops', 0.0))
 
@@ -273,23 +273,25 @@ def prepare_torch(model, args, modes: set[str]) -> tuple[str, dict[str, Callable
 
 
 def run(args) -> dict[str, Any]:
-    if args.mode == 'compile':
-        return compile_only(args)
-    modes = {'train', 'infer', 'data'} if args.mode == 'all' else {args.mode}
     model = build_model(args)
     result: dict[str, Any] = dict(
-        model=args.model, batch=args.batch, image_size=args.image_size, dtype=args.dtype, mode=args.mode,
-        backend=jax.default_backend(), device=str(jax.devices()[0].device_kind), num_devices=jax.device_count(),
-        microbatches=args.microbatches, threads=args.threads, malloc_tuned=host_memory.malloc_configured())
+        model=args.model, overrides=args.override, batch=args.batch, image_size=args.image_size, dtype=args.dtype,
+        mode=args.mode, backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
+        num_devices=jax.device_count(), microbatches=args.microbatches, threads=args.threads,
+        malloc_tuned=host_memory.malloc_configured())
+    if args.mode == 'compile':
+        # The train step compiled, not run: compile time, model FLOPs and XLA's memory plan, i.e. whether a model and
+        # batch fit a device (e.g. vit_l16 at batch 128 with --override scan_layers=true --override remat=true).
+        result.update(prepare_train(model, args)[0], host_peak_memory_bytes=host_peak_memory_bytes())
+        return result
+    modes = {'train', 'infer', 'data'} if args.mode == 'all' else {args.mode}
     peak_flops, peak_runner = matmul_peak(args.dtype)
     runners = {'matmul_peak': peak_runner}
-    fixed: dict[str, float] = {}
     if 'train' in modes:
         train_fixed, runners['train'] = prepare_train(model, args)
-        fixed.update(train_fixed)
+        result.update(train_fixed)
     if 'infer' in modes:
         infer_fixed, infer_runners = prepare_infer(model, args)
-        fixed.update(infer_fixed)
         runners.update(infer_runners)
     if args.compare == 'torch':
         result['torch_model'], torch_runners = prepare_torch(model, args, modes)
@@ -302,15 +304,12 @@ def run(args) -> dict[str, Any]:
     peak = peak_flops / min(times['matmul_peak'])
     result['matmul_peak_flops_per_s'] = peak
     if 'train' in modes:
-        flops = fixed['train_flops_per_step']
-        result.update(train_compile_s=fixed['train_compile_s'], train_step_s=seconds['train'],
-                      train_images_per_s=args.batch / seconds['train'], train_flops_per_image=flops / args.batch,
-                      train_flops_per_s=flops / seconds['train'], train_devices=fixed['train_devices'],
-                      **{k: v for k, v in fixed.items() if k.startswith('train_planned')})
+        result.update(train_step_s=seconds['train'], train_images_per_s=args.batch / seconds['train'],
+                      train_flops_per_s=result['train_flops_per_image'] * args.batch / seconds['train'])
         result['train_utilisation'] = result['train_flops_per_s'] / (peak * result['train_devices'])
     if 'infer' in modes:
-        flops = fixed['infer_flops_per_step']
-        result.update(infer_compile_s=fixed['infer_compile_s'], infer_images_per_s=args.batch / seconds['infer'],
+        flops = infer_fixed['infer_flops_per_step']
+        result.update(infer_compile_s=infer_fixed['infer_compile_s'], infer_images_per_s=args.batch / seconds['infer'],
                       infer_flops_per_image=flops / args.batch, infer_flops_per_s=flops / seconds['infer'],
                       infer_latency_ms_batch1=1e3 * seconds['infer_batch1'])
         result['infer_utilisation'] = result['infer_flops_per_s'] / peak
@@ -336,23 +335,6 @@ def run(args) -> dict[str, Any]:
     result['host_peak_memory_bytes'] = host_peak_memory_bytes()
     result['device_peak_memory_bytes'] = device_peak_memory_bytes()
     return result
-
-
-def compile_only(args) -> dict[str, Any]:
-    """``--mode compile``: the train step compiled, not run: compile time, model FLOPs and XLA's memory plan.
-
-    Whether a model and batch fit a device, and how long the step takes to compile, without the time to run it
-    (e.g. ``vit_l16`` at batch 128 with ``--override scan_layers=true --override remat=true``).
-    """
-    model = build_model(args)
-    fixed, _ = prepare_train(model, args)
-    return dict(model=args.model, batch=args.batch, image_size=args.image_size, dtype=args.dtype, mode=args.mode,
-                overrides=args.override, backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
-                num_devices=jax.device_count(), microbatches=args.microbatches,
-                train_compile_s=fixed['train_compile_s'], train_devices=fixed['train_devices'],
-                train_flops_per_image=fixed['train_flops_per_step'] / args.batch,
-                **{k: v for k, v in fixed.items() if k.startswith('train_planned')},
-                host_peak_memory_bytes=host_peak_memory_bytes())
 
 
 def table(result: dict[str, Any]) -> str:
