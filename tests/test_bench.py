@@ -4,6 +4,9 @@ No test asserts a speed (speed targets live in the README's benchmark section)."
 
 import json
 
+import numpy as np
+import pytest
+
 from vit_jax import bench
 
 TINY = ['--model', 'vit_ti16', '--override', 'num_layers=1', '--override', 'hidden_size=48', '--override',
@@ -54,3 +57,35 @@ def test_compile_mode_counts_model_flops_through_loops(capsys):
     assert 0 < looped['train_planned_temp_bytes'] < 0.6 * plain['train_planned_temp_bytes']
     assert plain['train_planned_bytes'] > plain['train_planned_temp_bytes']
     assert 'train_images_per_s' not in plain  # nothing was run
+
+
+def test_matmuls_mode_times_every_matmul_of_the_step(capsys):
+    """--mode matmuls: the step beside each of its matmuls on its own, whose FLOPs make up nearly all of the step's."""
+    batch_16 = [{'8': '16'}.get(a, a) for a in TINY]  # 2 micro-batches over the tests' 8 devices
+    result = bench.main(batch_16 + ['--mode', 'matmuls', '--microbatches', '2'])
+    for key in ('train_step_s', 'matmuls_alone_step_s', 'matmuls_alone_attention_s', 'train_over_matmuls_alone_s'):
+        assert result[key] > 0, key
+    for key in ('matmuls_alone_utilisation', 'matmuls_alone_attention_utilisation', 'matmuls_alone_dense_utilisation'):
+        assert 0 < result[key] < 1, key
+    assert set(result['matmul_utilisation']) == {name for name, *_ in bench.vit_matmuls(bench.build_model(
+        bench.parse_args(TINY)), 4, 10)}
+    assert all(0 <= u < 1 for u in result['matmul_utilisation'].values())
+    # XLA's count of the step adds the norms, GELU, softmax and optimizer (a larger share on a tiny model) to these.
+    assert 0.85 < result['matmuls_alone_flops_per_image'] / result['train_flops_per_image'] < 1.0
+
+
+def test_vit_matmuls_count_the_analytic_flops():
+    """The forward matmuls listed for --mode matmuls are the analytic forward count of a ViT, to the FLOP."""
+    model = bench.build_model(bench.parse_args(['--model', 'vit_ti16']))
+
+    def einsum_flops(equation, lhs, rhs):  # 2 per multiply-add: 2 x the product of every index's size
+        inputs = equation.split('->')[0].split(',')
+        sizes = dict(zip(inputs[0], lhs)) | dict(zip(inputs[1], rhs))
+        return 2 * int(np.prod(list(sizes.values())))
+
+    flops = sum(einsum_flops(equation, lhs, rhs) * count
+                for name, equation, lhs, rhs, count in bench.vit_matmuls(model, 1, 1000)
+                if name.endswith('fwd') or name in ('q k^T', 'attn v'))
+    assert flops == bench.analytic_vit_flops(model)
+    with pytest.raises(ValueError, match='patch-stem ViT'):
+        bench.vit_matmuls(bench.build_model(bench.parse_args(['--model', 't2t_vit_t14'])), 1, 10)

@@ -14,6 +14,9 @@ It prints a table and, last, one JSON line with every figure, including XLA's me
 (``train_planned_bytes`` per device). ``--microbatches M`` runs the step as M slices of the batch in turn (the same
 gradient; ``config.optimizer.microbatches``), and PyTorch's step likewise. ``--mode compile`` compiles the train
 step without running it: compile time, FLOPs and the memory plan, e.g. whether ``vit_l16`` fits a batch.
+``--mode matmuls`` times the train step beside each of its matmuls on its own (patch-stem ViTs): their sum is what
+the step would take if norms, activations, softmax and the optimizer were free (``matmuls_alone_utilisation``), and
+``train_over_matmuls_alone_s`` says how much more the step takes, i.e. whether its time goes to matmuls or to the rest.
 """
 
 from __future__ import annotations
@@ -62,6 +65,85 @@ def analytic_vit_flops(model) -> float | None:
     per_layer = n * (4 * d * d + 2 * d * m) + 2 * n * n * d  # qkv + out, MLP, q k^T and attn v
     head = d * model.num_classes
     return 2.0 * (patch + layers * per_layer + head)
+
+
+# The attention's matmuls among vit_matmuls': q k^T and attn v, and their backward pass.
+ATTENTION_MATMULS = ('q k^T', 'attn v', 'd attn', 'd v', 'd q', 'd k')
+
+
+def vit_matmuls(model, batch: int, num_classes: int) -> list[tuple[str, str, tuple, tuple, int]]:
+    """Every matmul of a patch-stem ViT's train step at a batch: (name, einsum, lhs shape, rhs shape, count).
+
+    Forward, input gradient (dx) and weight gradient (dW) of the patch embedding (no dx: the images need none), of
+    each layer's qkv, output and MLP projections and of the head, and the attention's q k^T and attn v with the four
+    matmuls of their backward pass, in the layouts autodiff gives them.
+    """
+    if not isinstance(model, models.VisionTransformer) or model.stem != 'patch':
+        raise ValueError(f'--mode matmuls lists the matmuls of a patch-stem ViT; {type(model).__name__} with stem '
+                         f'{getattr(model, "stem", None)!r} is not one.')
+    d, m, h, layers = model.hidden_size, model.mlp_dim, model.num_heads, model.num_layers
+    patches = batch * model.grid_size ** 2
+    tokens = batch * (model.grid_size ** 2 + model.num_prefix_tokens)
+    pixels = model.patch_size ** 2 * 3
+
+    def dense(name, rows, fan_in, fan_out, count, input_grad=True):
+        return ([(f'{name} fwd', 'ik,kj->ij', (rows, fan_in), (fan_in, fan_out), count)]
+                + [(f'{name} dx', 'ik,jk->ij', (rows, fan_out), (fan_in, fan_out), count)] * input_grad
+                + [(f'{name} dW', 'ij,ik->jk', (rows, fan_in), (rows, fan_out), count)])
+
+    heads, scores = (batch, h, tokens // batch, d // h), (batch, h, tokens // batch, tokens // batch)
+    return (dense('patch', patches, pixels, d, 1, input_grad=False)
+            + dense('qkv', tokens, d, 3 * d, layers) + dense('out', tokens, d, d, layers)
+            + dense('fc1', tokens, d, m, layers) + dense('fc2', tokens, m, d, layers)
+            + [('q k^T', 'bhqd,bhkd->bhqk', heads, heads, layers), ('attn v', 'bhqk,bhkd->bhqd', scores, heads, layers),
+               ('d attn', 'bhqd,bhkd->bhqk', heads, heads, layers), ('d v', 'bhqk,bhqd->bhkd', scores, heads, layers),
+               ('d q', 'bhqk,bhkd->bhqd', scores, heads, layers), ('d k', 'bhqk,bhqd->bhkd', scores, heads, layers)]
+            + dense('head', batch, d, num_classes, 1))
+
+
+def prepare_matmuls(model, args) -> tuple[dict[str, tuple[float, int]], dict[str, Callable[[], Any]]]:
+    """Each matmul of the train step (``vit_matmuls``) jitted on its own, at one device's share of one micro-batch.
+
+    Returns each one's FLOPs (XLA's count) and how many times a step runs it, and a runner for each.
+    """
+    slice_batch = args.batch // jax.device_count() // args.microbatches
+    rng = np.random.default_rng(0)
+    flops, runners = {}, {}
+    for name, equation, lhs_shape, rhs_shape, count in vit_matmuls(model, slice_batch, args.num_classes):
+        lhs, rhs = (jnp.asarray(rng.normal(size=s), args.dtype) for s in (lhs_shape, rhs_shape))
+        lowered = jax.jit(lambda a, b, equation=equation: jnp.einsum(equation, a, b)).lower(lhs, rhs)
+        compiled = lowered.compile()
+        flops[name] = (float(compiled.cost_analysis().get('flops', 0.0)), count * args.microbatches)
+        runners[f'matmul:{name}'] = lambda compiled=compiled, lhs=lhs, rhs=rhs: compiled(lhs, rhs).block_until_ready()
+    return flops, runners
+
+
+def matmuls_alone(flops: dict[str, tuple[float, int]], seconds: dict[str, float], peak: float, batch: int,
+                 ) -> dict[str, Any]:
+    """The train step's matmuls on their own: their median times, each call alone, summed, against the peak.
+
+    Everything else in the step (norms, GELU, softmax, residual adds, the optimizer) is counted as free:
+    ``train_step_s - matmuls_alone_step_s`` estimates what the rest costs, and ``matmuls_alone_utilisation`` what the
+    step would reach with the rest free and each matmul as fast as alone. It is an estimate, not a bound: inside the
+    step a matmul may find its operands in cache, and on a tiny model the calls alone are mostly dispatch (tens of
+    microseconds each), so there the fused step beats their sum.
+    """
+    per_device_batch = batch // jax.device_count()
+    total_s = total_flops = attention_s = attention_flops = 0.0
+    detail = {}
+    for name, (f, count) in flops.items():
+        s = seconds[f'matmul:{name}']
+        detail[name] = round(f / s / peak, 3)
+        total_s, total_flops = total_s + s * count, total_flops + f * count
+        if name in ATTENTION_MATMULS:
+            attention_s, attention_flops = attention_s + s * count, attention_flops + f * count
+    dense_s, dense_flops = total_s - attention_s, total_flops - attention_flops
+    return dict(matmuls_alone_step_s=total_s, matmuls_alone_flops_per_image=total_flops / per_device_batch,
+                matmuls_alone_utilisation=total_flops / total_s / peak,
+                matmuls_alone_attention_s=attention_s,
+                matmuls_alone_attention_utilisation=attention_flops / attention_s / peak,
+                matmuls_alone_dense_utilisation=dense_flops / dense_s / peak,
+                matmul_utilisation=detail)
 
 
 def host_peak_memory_bytes() -> int:
@@ -284,7 +366,8 @@ def run(args) -> dict[str, Any]:
         # batch fit a device (e.g. vit_l16 at batch 128 with --override scan_layers=true --override remat=true).
         result.update(prepare_train(model, args)[0], host_peak_memory_bytes=host_peak_memory_bytes())
         return result
-    modes = {'train', 'infer', 'data'} if args.mode == 'all' else {args.mode}
+    # matmuls: the train step beside its matmuls timed on their own (where its time goes, see matmuls_alone).
+    modes = {'all': {'train', 'infer', 'data'}, 'matmuls': {'train', 'matmuls'}}.get(args.mode, {args.mode})
     peak_flops, peak_runner = matmul_peak(args.dtype)
     runners = {'matmul_peak': peak_runner}
     if 'train' in modes:
@@ -293,6 +376,9 @@ def run(args) -> dict[str, Any]:
     if 'infer' in modes:
         infer_fixed, infer_runners = prepare_infer(model, args)
         runners.update(infer_runners)
+    if 'matmuls' in modes:
+        matmul_flops, matmul_runners = prepare_matmuls(model, args)
+        runners.update(matmul_runners)
     if args.compare == 'torch':
         result['torch_model'], torch_runners = prepare_torch(model, args, modes)
         runners.update(torch_runners)
@@ -307,6 +393,9 @@ def run(args) -> dict[str, Any]:
         result.update(train_step_s=seconds['train'], train_images_per_s=args.batch / seconds['train'],
                       train_flops_per_s=result['train_flops_per_image'] * args.batch / seconds['train'])
         result['train_utilisation'] = result['train_flops_per_s'] / (peak * result['train_devices'])
+    if 'matmuls' in modes:
+        result.update(matmuls_alone(matmul_flops, seconds, peak, args.batch))
+        result['train_over_matmuls_alone_s'] = result['train_step_s'] / result['matmuls_alone_step_s']
     if 'infer' in modes:
         flops = infer_fixed['infer_flops_per_step']
         result.update(infer_compile_s=infer_fixed['infer_compile_s'], infer_images_per_s=args.batch / seconds['infer'],
@@ -359,8 +448,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "config.optimizer.microbatches); PyTorch's step does the same")
     parser.add_argument('--image-size', type=int, default=224)
     parser.add_argument('--num-classes', type=int, default=1000)
-    parser.add_argument('--mode', choices=('train', 'infer', 'data', 'all', 'compile'), default='all',
-                        help='compile: compile the train step without running it (compile time, FLOPs, memory plan)')
+    parser.add_argument('--mode', choices=('train', 'infer', 'data', 'all', 'compile', 'matmuls'), default='all',
+                        help='compile: compile the train step without running it (compile time, FLOPs, memory plan); '
+                             'matmuls: the train step beside each of its matmuls timed on its own (what the step '
+                             'would take if all else were free; patch-stem ViTs)')
     parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32')
     parser.add_argument('--compare', choices=('none', 'torch'), default='none')
     parser.add_argument('--torch-model', choices=('auto', 'export', 'huggingface'), default='auto',
