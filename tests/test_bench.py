@@ -87,5 +87,9 @@ def test_vit_matmuls_count_the_analytic_flops():
                 for name, equation, lhs, rhs, count in bench.vit_matmuls(model, 1, 1000)
                 if name.endswith('fwd') or name in ('q k^T', 'attn v'))
     assert flops == bench.analytic_vit_flops(model)
+    # DeiT's distillation token is one more token, and its second head one more head matmul.
+    distilled = {name: (lhs, count) for name, _, lhs, _, count in
+                 bench.vit_matmuls(bench.build_model(bench.parse_args(['--model', 'deit_ti16_distilled'])), 1, 1000)}
+    assert distilled['qkv fwd'] == ((14 * 14 + 2, 192), 12) and distilled['head fwd'] == ((1, 192), 2)
     with pytest.raises(ValueError, match='patch-stem ViT'):
         bench.vit_matmuls(bench.build_model(bench.parse_args(['--model', 't2t_vit_t14'])), 1, 10)

@@ -75,8 +75,9 @@ def vit_matmuls(model, batch: int, num_classes: int) -> list[tuple[str, str, tup
     """Every matmul of a patch-stem ViT's train step at a batch: (name, einsum, lhs shape, rhs shape, count).
 
     Forward, input gradient (dx) and weight gradient (dW) of the patch embedding (no dx: the images need none), of
-    each layer's qkv, output and MLP projections and of the head, and the attention's q k^T and attn v with the four
-    matmuls of their backward pass, in the layouts autodiff gives them.
+    each layer's qkv, output and MLP projections, of the pre-logits layer if any and of the head (DeiT's two heads),
+    and the attention's q k^T and attn v with the four matmuls of their backward pass, in the layouts autodiff gives
+    them.
     """
     if not isinstance(model, models.VisionTransformer) or model.stem != 'patch':
         raise ValueError(f'--mode matmuls lists the matmuls of a patch-stem ViT; {type(model).__name__} with stem '
@@ -92,13 +93,15 @@ def vit_matmuls(model, batch: int, num_classes: int) -> list[tuple[str, str, tup
                 + [(f'{name} dW', 'ij,ik->jk', (rows, fan_in), (rows, fan_out), count)])
 
     heads, scores = (batch, h, tokens // batch, d // h), (batch, h, tokens // batch, tokens // batch)
+    features = model.representation_size or d
+    pre_logits = dense('pre_logits', batch, d, features, 1) if model.representation_size else []
     return (dense('patch', patches, pixels, d, 1, input_grad=False)
             + dense('qkv', tokens, d, 3 * d, layers) + dense('out', tokens, d, d, layers)
             + dense('fc1', tokens, d, m, layers) + dense('fc2', tokens, m, d, layers)
             + [('q k^T', 'bhqd,bhkd->bhqk', heads, heads, layers), ('attn v', 'bhqk,bhkd->bhqd', scores, heads, layers),
                ('d attn', 'bhqd,bhkd->bhqk', heads, heads, layers), ('d v', 'bhqk,bhqd->bhkd', scores, heads, layers),
                ('d q', 'bhqk,bhkd->bhqd', scores, heads, layers), ('d k', 'bhqk,bhqd->bhkd', scores, heads, layers)]
-            + dense('head', batch, d, num_classes, 1))
+            + pre_logits + dense('head', batch, features, num_classes, 1 + int(model.distilled)))
 
 
 def prepare_matmuls(model, args) -> tuple[dict[str, tuple[float, int]], dict[str, Callable[[], Any]]]:
@@ -370,15 +373,15 @@ def run(args) -> dict[str, Any]:
     modes = {'all': {'train', 'infer', 'data'}, 'matmuls': {'train', 'matmuls'}}.get(args.mode, {args.mode})
     peak_flops, peak_runner = matmul_peak(args.dtype)
     runners = {'matmul_peak': peak_runner}
+    if 'matmuls' in modes:  # first: it says before the step compiles if the model is not a patch-stem ViT
+        matmul_flops, matmul_runners = prepare_matmuls(model, args)
+        runners.update(matmul_runners)
     if 'train' in modes:
         train_fixed, runners['train'] = prepare_train(model, args)
         result.update(train_fixed)
     if 'infer' in modes:
         infer_fixed, infer_runners = prepare_infer(model, args)
         runners.update(infer_runners)
-    if 'matmuls' in modes:
-        matmul_flops, matmul_runners = prepare_matmuls(model, args)
-        runners.update(matmul_runners)
     if args.compare == 'torch':
         result['torch_model'], torch_runners = prepare_torch(model, args, modes)
         runners.update(torch_runners)
