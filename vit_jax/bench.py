@@ -194,9 +194,10 @@ def prepare_train(model, args) -> tuple[dict[str, float], Callable[[], Any]]:
              'labels': np.eye(args.num_classes, dtype=np.float32)[rng.integers(0, args.num_classes, args.batch)]}
     batch = jax.device_put(batch, sharding.batch_sharding(mesh))
     start = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    lowered = step.lower(state, batch)
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - start
-    flops = model_train_flops(model, tx, mesh, schedule, batch, args.image_size)
+    flops = model_train_flops(model, lowered, args.microbatches, tx, mesh, schedule, batch, args.image_size)
     holder = [state]
     fixed = {'train_compile_s': compile_s, 'train_flops_per_image': flops / args.batch, 'train_devices': mesh.size,
              **planned_memory(compiled, 'train')}
@@ -208,18 +209,21 @@ def prepare_train(model, args) -> tuple[dict[str, float], Callable[[], Any]]:
     return fixed, run
 
 
-def model_train_flops(model, tx, mesh, schedule, batch, image_size: int) -> float:
+def model_train_flops(model, lowered, microbatches: int, tx, mesh, schedule, batch, image_size: int) -> float:
     """XLA's count of one train step's model FLOPs (all devices together), on the step's unrolled twin.
 
     XLA's cost analysis counts the body of a loop once, so a step that scans over layers (``scan_layers``) or over
     micro-batches would be undercounted: the twin has neither, and no remat (whose recomputation is not model work).
-    It is only lowered, never compiled or run.
+    It is only lowered, never compiled or run; a step with none of them is its own twin (``lowered``).
     """
-    twin = model.clone(**{f: False for f in ('scan_layers', 'remat') if getattr(model, f, False)})
+    # The lowered program is the global one, before it is partitioned over the mesh: its count is the whole step's.
+    loops = {f: False for f in ('scan_layers', 'remat') if getattr(model, f, False)}
+    if not loops and microbatches == 1:
+        return float(lowered.cost_analysis().get('flops', 0.0))
+    twin = model.clone(**loops)
     state = abstract_state(twin, tx, mesh, image_size, use_ema=False)
     shardings = jax.tree.map(lambda x: x.sharding, state)
     step = make_train_step(Supervised(twin), tx, shardings, mesh, schedule, seed=0, ema_decay=0.0)
-    # The lowered program is the global one, before it is partitioned over the mesh: its count is the whole step's.
     return float(step.lower(state, batch).cost_analysis().get('flops', 0.0))
 
 
