@@ -41,6 +41,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from vit_jax import host_memory, models, sharding, timing  # noqa: E402
+from vit_jax.kernels import cpu_attention  # noqa: E402
 from vit_jax.objectives import Supervised  # noqa: E402
 from vit_jax.train.config import base_config, load_config  # noqa: E402
 from vit_jax.train.optim import create_optimizer  # noqa: E402
@@ -214,17 +215,19 @@ def model_train_flops(model, lowered, microbatches: int, tx, mesh, schedule, bat
 
     XLA's cost analysis counts the body of a loop once, so a step that scans over layers (``scan_layers``) or over
     micro-batches would be undercounted: the twin has neither, and no remat (whose recomputation is not model work).
-    It is only lowered, never compiled or run; a step with none of them is its own twin (``lowered``).
+    Nor does it see into a custom call: the twin's attention runs through XLA's ops, not the CPU kernel. It is only
+    lowered, never compiled or run; a step with none of them is its own twin (``lowered``).
     """
     # The lowered program is the global one, before it is partitioned over the mesh: its count is the whole step's.
     loops = {f: False for f in ('scan_layers', 'remat') if getattr(model, f, False)}
-    if not loops and microbatches == 1:
+    if not loops and microbatches == 1 and not cpu_attention.available():
         return float(lowered.cost_analysis().get('flops', 0.0))
-    twin = model.clone(**loops)
-    state = abstract_state(twin, tx, mesh, image_size, use_ema=False)
-    shardings = jax.tree.map(lambda x: x.sharding, state)
-    step = make_train_step(Supervised(twin), tx, shardings, mesh, schedule, seed=0, ema_decay=0.0)
-    return float(step.lower(state, batch).cost_analysis().get('flops', 0.0))
+    with cpu_attention.xla_attention():
+        twin = model.clone(**loops)
+        state = abstract_state(twin, tx, mesh, image_size, use_ema=False)
+        shardings = jax.tree.map(lambda x: x.sharding, state)
+        step = make_train_step(Supervised(twin), tx, shardings, mesh, schedule, seed=0, ema_decay=0.0)
+        return float(step.lower(state, batch).cost_analysis().get('flops', 0.0))
 
 
 def planned_memory(compiled, prefix: str) -> dict[str, int]:
@@ -253,8 +256,11 @@ def prepare_infer(model, args) -> tuple[dict[str, float], dict[str, Callable[[],
         start = time.perf_counter()
         compiled = forward.lower(params, x).compile()
         if batch == args.batch:
-            fixed.update(infer_compile_s=time.perf_counter() - start,
-                         infer_flops_per_step=float(compiled.cost_analysis().get('flops', 0.0)))
+            fixed['infer_compile_s'] = time.perf_counter() - start
+            # XLA's cost analysis does not see into the kernel's custom call; a new jit, as jit caches its trace.
+            with cpu_attention.xla_attention():
+                twin = jax.jit(lambda p, x: model.apply(p, x)).lower(params, x)
+            fixed['infer_flops_per_step'] = float(twin.cost_analysis().get('flops', 0.0))
         runners[name] = lambda compiled=compiled, x=x: compiled(params, x).block_until_ready()
     return fixed, runners
 
@@ -367,7 +373,8 @@ def run(args) -> dict[str, Any]:
         model=args.model, overrides=args.override, batch=args.batch, image_size=args.image_size, dtype=args.dtype,
         mode=args.mode, backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
         num_devices=jax.device_count(), microbatches=args.microbatches, threads=args.threads,
-        malloc_tuned=host_memory.malloc_configured())
+        malloc_tuned=host_memory.malloc_configured(),
+        cpu_attention_kernel=jax.default_backend() == 'cpu' and cpu_attention.available())
     if args.mode == 'compile':
         # The train step compiled, not run: compile time, model FLOPs and XLA's memory plan, i.e. whether a model and
         # batch fit a device (e.g. vit_l16 at batch 128 with --override scan_layers=true --override remat=true).

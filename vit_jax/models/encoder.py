@@ -26,6 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vit_jax.kernels import cpu_attention
+
 Dtype = Any
 
 # Initialisers of google-research/vision_transformer, which trained the public checkpoints.
@@ -120,7 +122,8 @@ class MultiHeadSelfAttention(nn.Module):
 
     The fused ``qkv`` kernel (D, 3, H, dh) makes one matmul instead of three, and writes q, k, v head-major for the
     attention matmuls. On GPU / TPU attention goes through ``jax.nn.dot_product_attention`` (cuDNN flash attention on
-    GPU); on CPU through ``softmax_attention``, which is faster there. The explicit-softmax path is taken when it is
+    GPU); on CPU through the fused C++ kernel of ``vit_jax.kernels.cpu_attention`` (float32, head dimension a
+    multiple of 16), else ``softmax_attention``, both faster there. The explicit-softmax path is taken when it is
     needed: attention dropout while training, or when the caller asks for the attention maps by making the
     ``'attention_weights'`` collection mutable (``model.apply(..., mutable=['attention_weights'])``).
     """
@@ -145,7 +148,8 @@ class MultiHeadSelfAttention(nn.Module):
             weights = nn.Dropout(self.attention_dropout_rate)(weights, deterministic=deterministic)
             y = jnp.einsum('bhqk,bhkd->bhqd', weights.astype(v.dtype), v)
         elif jax.default_backend() == 'cpu':
-            y = softmax_attention(q, k, v, scale)
+            y = cpu_attention.attention(q, k, v, scale) if cpu_attention.supports(q) else softmax_attention(
+                q, k, v, scale)
         else:
             y = jax.nn.dot_product_attention(*(jnp.swapaxes(t, 1, 2) for t in (q, k, v)), scale=scale)
             y = jnp.swapaxes(y, 1, 2)
