@@ -17,6 +17,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -84,19 +85,20 @@ inline void rows_block(int rows, const float* a, int64_t ars, int64_t aks, const
   else tail_block<R, V>(rows, a, ars, aks, b, ldb, K, c, ldc);
 }
 
-// C (M x 16*nv) = A (M x K) B (K x 16*nv), in blocks of R rows and V vectors (and narrower last blocks).
+// C (M x 16*nv) = A (M x K) B (K x 16*nv), in blocks of R rows and V vectors (and narrower last blocks). Column
+// panels outermost: a panel of B (K x 16*V) stays in L1 while the row blocks pass over it.
 template <int R, int V>
 void matmul(int M, int nv, const float* a, int64_t ars, int64_t aks, const float* b, int64_t ldb, int K, float* c,
             int64_t ldc) {
-  for (int i = 0; i < M; i += R) {
-    const int rows = std::min(R, M - i);
-    const float* ai = a + i * ars;
-    float* ci = c + i * ldc;
-    int v = 0;
-    for (; v + V <= nv; v += V) rows_block<R, V>(rows, ai, ars, aks, b + v * kW, ldb, K, ci + v * kW, ldc);
-    for (; v + 2 <= nv; v += 2) rows_block<R, 2>(rows, ai, ars, aks, b + v * kW, ldb, K, ci + v * kW, ldc);
-    for (; v < nv; ++v) rows_block<R, 1>(rows, ai, ars, aks, b + v * kW, ldb, K, ci + v * kW, ldc);
-  }
+  auto panel = [&](auto width, int v) {
+    constexpr int W = decltype(width)::value;
+    for (int i = 0; i < M; i += R)
+      rows_block<R, W>(std::min(R, M - i), a + i * ars, ars, aks, b + v * kW, ldb, K, c + i * ldc + v * kW, ldc);
+  };
+  int v = 0;
+  for (; v + V <= nv; v += V) panel(std::integral_constant<int, V>{}, v);
+  for (; v + 2 <= nv; v += 2) panel(std::integral_constant<int, 2>{}, v);
+  for (; v < nv; ++v) panel(std::integral_constant<int, 1>{}, v);
 }
 
 // out (N x dh) = A (N x K) B (K x dh) for dh = 16 * nv, the head dimension in registers.
@@ -115,11 +117,11 @@ void matmul_dh(int N, int nv, const float* a, int64_t ars, int64_t aks, const fl
 
 // S (N x Np) = X Y^T for X, Y of shape (N, dh): Y is first written transposed and zero-padded to Np columns.
 void scores(int N, int Np, int dh, const float* x, const float* y, float* yt, float* s) {
-  for (int d = 0; d < dh; ++d) {
-    float* row = yt + int64_t(d) * Np;
-    for (int j = 0; j < N; ++j) row[j] = y[int64_t(j) * dh + d];
-    for (int j = N; j < Np; ++j) row[j] = 0.0f;
-  }
+  // In 16 x 16 tiles, read a row of 16 and written a column at a time, so both sides stay in a few cache lines.
+  for (int j0 = 0; j0 < Np; j0 += kW)
+    for (int d0 = 0; d0 < dh; d0 += kW)
+      for (int j = j0; j < j0 + kW; ++j)
+        for (int d = d0; d < d0 + kW; ++d) yt[int64_t(d) * Np + j] = j < N ? y[int64_t(j) * dh + d] : 0.0f;
   matmul<6, 4>(N, Np / kW, x, dh, 1, yt, Np, dh, s, Np);
 }
 
@@ -147,11 +149,15 @@ void forward_head(int N, int dh, float scale, const float* q, const float* k, co
   w.reserve(N, Np, dh);
   float* s = w.s.data();
   scores(N, Np, dh, q, k, w.t.data(), s);
-  std::vector<float> inv(N);
+  float inv[N];
   for (int i = 0; i < N; ++i) {
     float* row = s + int64_t(i) * Np;
+    vf mv = load(row);  // N >= 1; the padding columns hold zeros, so they stay out of the maximum
+    int j = kW;
+    for (; j + kW <= N; j += kW) { const vf x = load(row + j); mv = mv > x ? mv : x; }
     float m = row[0];
-    for (int j = 1; j < N; ++j) m = std::max(m, row[j]);
+    for (int t = 0; t < kW && t < N; ++t) m = std::max(m, mv[t]);
+    for (; j < N; ++j) m = std::max(m, row[j]);
     m *= scale;  // scale > 0
     probabilities(row, N, Np, scale, m);
     vf acc{};
