@@ -115,7 +115,7 @@ def test_intermediates_and_attention_weights():
 
 
 def test_accelerator_attention_path_matches_cpu_path(monkeypatch):
-    """GPUs / TPUs take jax.nn.dot_product_attention (token-major in and out); CPU takes softmax_attention.
+    """GPUs / TPUs take jax.nn.dot_product_attention (token-major in and out); CPU the fused kernel (head-major).
 
     Both feed the output projection head-major; forcing the accelerator branch here (its XLA implementation runs
     on CPU) checks that the layouts line up, with gradients.

@@ -1,8 +1,8 @@
 """Fused softmax attention on CPU: a C++ kernel (``cpu_attention.cc``) called from XLA through its FFI.
 
 XLA:CPU runs attention as separate batched matmuls at 197 x 197 x 64 (ViT-Ti, -S, -B at 224 px), with the (N, N)
-scores written to memory between them; they reached 25-35% of this machine's matmul peak, and the attention core
-(q k^T, softmax, attn v and their backward) took ~30% of ViT-Ti's train step for 14% of its FLOPs. The kernel does
+scores written to memory between them, at ~35% of this machine's matmul peak; the attention core (q k^T, softmax,
+attn v and their backward) took ~30% of ViT-Ti's train step for 14% of its FLOPs. The kernel does
 each (batch, head) whole while its scores sit in the core's cache, forward and backward (the backward recomputes the
 probabilities from the saved log-sum-exp, as flash attention does), on XLA's own intra-op threads.
 
