@@ -374,7 +374,7 @@ def run(args) -> dict[str, Any]:
         mode=args.mode, backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
         num_devices=jax.device_count(), microbatches=args.microbatches, threads=args.threads,
         malloc_tuned=host_memory.malloc_configured(),
-        cpu_attention_kernel=jax.default_backend() == 'cpu' and cpu_attention.available())
+        cpu_attention_kernel=cpu_attention.available())
     if args.mode == 'compile':
         # The train step compiled, not run: compile time, model FLOPs and XLA's memory plan, i.e. whether a model and
         # batch fit a device (e.g. vit_l16 at batch 128 with --override scan_layers=true --override remat=true).

@@ -2,9 +2,9 @@
 
 XLA:CPU runs attention as separate batched matmuls at 197 x 197 x 64 (ViT-Ti, -S, -B at 224 px), with the (N, N)
 scores written to memory between them, at ~35% of this machine's matmul peak; the attention core (q k^T, softmax,
-attn v and their backward) took ~30% of ViT-Ti's train step for 14% of its FLOPs. The kernel does
-each (batch, head) whole while its scores sit in the core's cache, forward and backward (the backward recomputes the
-probabilities from the saved log-sum-exp, as flash attention does), on XLA's own intra-op threads.
+attn v and their backward) took ~30% of ViT-Ti's train step for 14% of its FLOPs. The kernel does each (batch, head)
+whole while its scores sit in the core's cache, forward and backward (the backward recomputes the probabilities from
+the saved log-sum-exp, as flash attention does), on XLA's own intra-op threads.
 
 The library is compiled on first use with the machine's C++ compiler (``g++ -O3 -march=native``, ~5 s) into
 ``$VIT_JAX_CACHE`` (default ``~/.cache/vit_jax``), keyed by the source, the compiler flags, jaxlib's version and the
@@ -114,14 +114,13 @@ def _registered() -> bool:
 
 
 def available() -> bool:
-    """Whether the kernel is on (``VIT_JAX_CPU_ATTENTION``, ``xla_attention``) and built."""
-    return _enabled and _registered()
+    """Whether JAX runs on CPU and the kernel is on (``VIT_JAX_CPU_ATTENTION``, ``xla_attention``) and built."""
+    return _enabled and jax.default_backend() == 'cpu' and _registered()
 
 
 def supports(q: jax.Array) -> bool:
     """Whether ``attention`` can take q, k, v like ``q``: float32 (B, H, N, dh) with dh a multiple of 16, on CPU."""
-    return (available() and jax.default_backend() == 'cpu' and q.ndim == 4 and q.dtype == jnp.float32
-            and q.shape[-1] % VECTOR == 0)
+    return available() and q.ndim == 4 and q.dtype == jnp.float32 and q.shape[-1] % VECTOR == 0
 
 
 # The FFI calls, each partitioned over batch and heads: whatever the partitioner gives those two dimensions, the
