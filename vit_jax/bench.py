@@ -257,10 +257,11 @@ def prepare_infer(model, args) -> tuple[dict[str, float], dict[str, Callable[[],
         compiled = forward.lower(params, x).compile()
         if batch == args.batch:
             fixed['infer_compile_s'] = time.perf_counter() - start
-            # XLA's cost analysis does not see into the kernel's custom call; a new jit, as jit caches its trace.
-            with cpu_attention.xla_attention():
-                twin = jax.jit(lambda p, x: model.apply(p, x)).lower(params, x)
-            fixed['infer_flops_per_step'] = float(twin.cost_analysis().get('flops', 0.0))
+            counted = compiled
+            if cpu_attention.available():  # XLA's cost analysis does not see into the kernel's custom call
+                with cpu_attention.xla_attention():  # a new jit: jit caches its trace
+                    counted = jax.jit(lambda p, x: model.apply(p, x)).lower(params, x)
+            fixed['infer_flops_per_step'] = float(counted.cost_analysis().get('flops', 0.0))
         runners[name] = lambda compiled=compiled, x=x: compiled(params, x).block_until_ready()
     return fixed, runners
 

@@ -127,8 +127,11 @@ void scores(int N, int Np, int dh, const float* x, const float* y, float* yt, fl
 
 struct Scratch {
   std::vector<float> s, ds, t;  // (N, Np) scores / probabilities, (N, Np) their gradient, (dh, Np) a transpose
-  void reserve(int N, int Np, int dh) {
+  // Sizes the buffers for one head of N tokens and returns Np, N padded to whole vectors.
+  int reserve(int N, int dh) {
+    const int Np = (N + kW - 1) / kW * kW;
     s.resize(int64_t(N) * Np); ds.resize(int64_t(N) * Np); t.resize(int64_t(dh) * Np);
+    return Np;
   }
 };
 
@@ -145,14 +148,13 @@ inline void probabilities(float* row, int N, int Np, float scale, float shift) {
 
 void forward_head(int N, int dh, float scale, const float* q, const float* k, const float* v, float* o, float* lse,
                   Scratch& w) {
-  const int Np = (N + kW - 1) / kW * kW;
-  w.reserve(N, Np, dh);
+  const int Np = w.reserve(N, dh);
   float* s = w.s.data();
   scores(N, Np, dh, q, k, w.t.data(), s);
   float inv[N];
   for (int i = 0; i < N; ++i) {
     float* row = s + int64_t(i) * Np;
-    vf mv = load(row);  // N >= 1; the padding columns hold zeros, so they stay out of the maximum
+    vf mv = load(row);  // N >= 1; where N < 16 this reads padding, and only the first N lanes count below
     int j = kW;
     for (; j + kW <= N; j += kW) { const vf x = load(row + j); mv = mv > x ? mv : x; }
     float m = row[0];
@@ -174,8 +176,7 @@ void forward_head(int N, int dh, float scale, const float* q, const float* k, co
 
 void backward_head(int N, int dh, float scale, const float* q, const float* k, const float* v, const float* o,
                    const float* lse, const float* dout, float* dq, float* dk, float* dv, Scratch& w) {
-  const int Np = (N + kW - 1) / kW * kW;
-  w.reserve(N, Np, dh);
+  const int Np = w.reserve(N, dh);
   float* p = w.s.data();
   float* ds = w.ds.data();
   scores(N, Np, dh, q, k, w.t.data(), p);
