@@ -134,28 +134,36 @@ def _heads_sharding(sharding, rank: int):
 def _partitioned(fn, rule: str):
     wrapped = custom_partitioning(fn, static_argnums=(0,))
 
-    def partition(scale, mesh, arg_shapes, result_shape):
-        first = arg_shapes[0].sharding
-        args = tuple(_heads_sharding(first, a.ndim) for a in arg_shapes)
-        results = tuple(_heads_sharding(first, r.ndim) for r in result_shape)
-        return mesh, functools.partial(fn, scale), results, args
-
     def infer(scale, mesh, arg_shapes, result_shape):
         first = arg_shapes[0].sharding
         return tuple(_heads_sharding(first, r.ndim) for r in result_shape)
+
+    def partition(scale, mesh, arg_shapes, result_shape):
+        args = tuple(_heads_sharding(arg_shapes[0].sharding, a.ndim) for a in arg_shapes)
+        return mesh, functools.partial(fn, scale), infer(scale, mesh, arg_shapes, result_shape), args
 
     wrapped.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule,
                           need_replication_factors=('n', 'd'))
     return wrapped
 
 
+def _require_kernel():
+    # The FFI targets exist only once the library is loaded: a caller that goes straight to ``attention`` (without
+    # ``supports``) loads it here, or learns why it can't.
+    if not _registered():
+        raise RuntimeError('the fused CPU attention kernel could not be built (see the warning above); call '
+                           '`supports(q)` first and take `softmax_attention` where it is False.')
+
+
 def _forward_call(scale: float, q, k, v):
+    _require_kernel()
     return jax.ffi.ffi_call('vit_attention_forward', (jax.ShapeDtypeStruct(q.shape, q.dtype),
                                                       jax.ShapeDtypeStruct(q.shape[:3], q.dtype)))(
         q, k, v, scale=np.float32(scale))
 
 
 def _backward_call(scale: float, q, k, v, o, lse, do):
+    _require_kernel()
     shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
     return jax.ffi.ffi_call('vit_attention_backward', (shape, shape, shape))(q, k, v, o, lse, do,
                                                                                scale=np.float32(scale))
