@@ -11,15 +11,24 @@ from vit_jax.kernels import cpu_attention
 from vit_jax.models.encoder import softmax_attention
 
 
-def value_and_grads(fn, q, k, v, dout):
-    out, vjp = jax.vjp(fn, q, k, v)
-    return (out, *vjp(dout))
+def value_and_grad(fn, qkv, dout):
+    out, vjp = jax.vjp(fn, qkv)
+    return out, vjp(dout)[0]
+
+
+def xla_reference(qkv, scale):
+    """XLA's softmax attention on the same packed, token-major qkv (B, N, 3, H, dh) -> (B, N, H, dh)."""
+    q, k, v = (jnp.swapaxes(qkv[:, :, i], 1, 2) for i in range(3))
+    return jnp.swapaxes(softmax_attention(q, k, v, scale), 1, 2)
 
 
 def inputs(shape, seed=0):
-    keys = jax.random.split(jax.random.key(seed), 4)
+    """qkv (B, N, 3, H, dh) and an output gradient (B, N, H, dh) for shape (B, N, H, dh)."""
+    b, n, h, dh = shape
+    keys = jax.random.split(jax.random.key(seed))
     # Logits of a few units, as in a trained model: the softmax is peaked, not uniform.
-    return [2.0 * jax.random.normal(key, shape, jnp.float32) for key in keys]
+    return (2.0 * jax.random.normal(keys[0], (b, n, 3, h, dh), jnp.float32),
+            jax.random.normal(keys[1], shape, jnp.float32))
 
 
 def test_kernel_builds_on_this_machine():
@@ -29,39 +38,46 @@ def test_kernel_builds_on_this_machine():
     assert cpu_attention.available()
 
 
-@pytest.mark.parametrize('shape', [(2, 3, 197, 64), (3, 1, 5, 16), (1, 2, 50, 80), (2, 2, 33, 128), (1, 1, 16, 32)])
+@pytest.mark.parametrize('shape', [(2, 197, 3, 64), (3, 5, 1, 16), (1, 50, 2, 80), (2, 33, 2, 128), (1, 16, 1, 32)])
 def test_matches_xla_attention(shape):
-    """Output and the three input gradients equal XLA's softmax attention (tokens not a multiple of 16 included)."""
-    q, k, v, dout = inputs(shape)
+    """Output and the qkv gradient equal XLA's softmax attention (tokens not a multiple of 16 included)."""
+    qkv, dout = inputs(shape)
     scale = shape[-1] ** -0.5
-    ours = jax.jit(lambda *a: value_and_grads(lambda q, k, v: cpu_attention.attention(q, k, v, scale), *a))
-    ref = jax.jit(lambda *a: value_and_grads(lambda q, k, v: softmax_attention(q, k, v, scale), *a))
-    for name, a, b in zip(('out', 'dq', 'dk', 'dv'), ours(q, k, v, dout), ref(q, k, v, dout)):
-        np.testing.assert_allclose(a, b, atol=2e-5 * float(jnp.abs(b).max()), rtol=0, err_msg=name)
+    ours = jax.jit(lambda *a: value_and_grad(lambda x: cpu_attention.attention(x, scale), *a))
+    ref = jax.jit(lambda *a: value_and_grad(lambda x: xla_reference(x, scale), *a))
+    (out, dqkv), (ref_out, ref_dqkv) = ours(qkv, dout), ref(qkv, dout)
+    assert out.shape == dout.shape and dqkv.shape == qkv.shape
+    np.testing.assert_allclose(out, ref_out, atol=2e-5 * float(jnp.abs(ref_out).max()), rtol=0)
+    for i, name in enumerate(('dq', 'dk', 'dv')):
+        b = ref_dqkv[:, :, i]
+        np.testing.assert_allclose(dqkv[:, :, i], b, atol=2e-5 * float(jnp.abs(b).max()), rtol=0, err_msg=name)
 
 
 def test_sharded_over_batch_and_heads_without_gathering():
     """On a (data=2, fsdp=2, tensor=2) mesh each device runs its own (batch, head) slices: same numbers, no gather."""
-    shape = (8, 4, 50, 32)
-    q, k, v, dout = inputs(shape, seed=1)
+    shape = (8, 50, 4, 32)
+    qkv, dout = inputs(shape, seed=1)
     scale = shape[-1] ** -0.5
-    fn = jax.jit(lambda *a: value_and_grads(lambda q, k, v: cpu_attention.attention(q, k, v, scale), *a))
-    expected = fn(q, k, v, dout)
+    fn = jax.jit(lambda *a: value_and_grad(lambda x: cpu_attention.attention(x, scale), *a))
+    expected = fn(qkv, dout)
     mesh = sharding.create_mesh(2, 2, 2)
-    spec = P(('data', 'fsdp'), 'tensor')
-    args = [jax.device_put(x, NamedSharding(mesh, spec)) for x in (q, k, v, dout)]
+    batch = ('data', 'fsdp')
+    args = (jax.device_put(qkv, NamedSharding(mesh, P(batch, None, None, 'tensor'))),
+            jax.device_put(dout, NamedSharding(mesh, P(batch, None, 'tensor'))))
     hlo = fn.lower(*args).compile().as_text()
     assert 'vit_attention_forward' in hlo and 'vit_attention_backward' in hlo
     assert 'all-gather' not in hlo and 'all-to-all' not in hlo
     got = fn(*args)
-    assert got[0].sharding.spec == spec
+    assert got[0].sharding.is_equivalent_to(NamedSharding(mesh, P(batch, None, 'tensor')), 4)
+    assert got[1].sharding.is_equivalent_to(NamedSharding(mesh, P(batch, None, None, 'tensor')), 5)
     for a, b in zip(got, expected):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
 
     # Tokens sharded: the partitioner gathers them (the kernel needs each head whole) and the numbers still hold.
-    args = [jax.device_put(x, NamedSharding(sharding.create_mesh(2, 1, 4), P(None, None, 'tensor'))) for x in
-            (q[:, :, :48], k[:, :, :48], v[:, :, :48], dout[:, :, :48])]
-    expected = fn(*(x[:, :, :48] for x in (q, k, v, dout)))
+    mesh = sharding.create_mesh(2, 1, 4)
+    args = (jax.device_put(qkv[:, :48], NamedSharding(mesh, P(None, 'tensor'))),
+            jax.device_put(dout[:, :48], NamedSharding(mesh, P(None, 'tensor'))))
+    expected = fn(qkv[:, :48], dout[:, :48])
     for a, b in zip(fn(*args), expected):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
 
@@ -89,11 +105,11 @@ def test_vit_uses_the_kernel_on_cpu_and_matches_xla_path():
 
 
 def test_supports_only_what_the_kernel_computes():
-    assert cpu_attention.supports(jnp.zeros((2, 3, 197, 64), jnp.float32))
-    assert not cpu_attention.supports(jnp.zeros((2, 3, 197, 64), jnp.bfloat16))
-    assert not cpu_attention.supports(jnp.zeros((2, 3, 197, 24), jnp.float32))  # head dimension not a multiple of 16
+    assert cpu_attention.supports(jnp.float32, 64)
+    assert not cpu_attention.supports(jnp.bfloat16, 64)
+    assert not cpu_attention.supports(jnp.float32, 24)  # head dimension not a multiple of 16
     with cpu_attention.xla_attention():
-        assert not cpu_attention.supports(jnp.zeros((2, 3, 197, 64), jnp.float32))
+        assert not cpu_attention.supports(jnp.float32, 64)
 
 
 def test_build_failure_names_the_compiler_error(tmp_path, monkeypatch):

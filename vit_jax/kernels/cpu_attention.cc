@@ -2,6 +2,12 @@
 //
 //   O = softmax(scale * Q K^T) V                      for each (batch, head): Q, K, V, O of shape (N, dh)
 //
+// Layouts are token-major, as the projections around attention read and write them: the input is the qkv
+// projection's output (B, N, 3, H, dh) = [q | k | v] as it is, the output (B, N, H, dh) goes straight into the
+// output projection, and the backward pass writes dqkv (B, N, 3, H, dh) for the qkv projection's backward. A head's
+// rows are then strided (3 H dh floats apart in qkv), but no transpose of the activations is ever made: in
+// XLA's head-major alternative, slicing and transposing q, k, v and their gradients took ~6% of ViT-Ti's step.
+//
 // Why: at ViT-Ti shapes (N = 197, dh = 64) XLA:CPU runs the attention as separate batched matmuls with the
 // (N, N) scores written to memory between them, at ~35% of the machine's matmul peak. Here each (batch, head)
 // is done whole while its (N, N) scores sit in the core's L2 cache, and the matmuls use one register-blocked
@@ -101,28 +107,30 @@ void matmul(int M, int nv, const float* a, int64_t ars, int64_t aks, const float
   for (; v < nv; ++v) panel(std::integral_constant<int, 1>{}, v);
 }
 
-// out (N x dh) = A (N x K) B (K x dh) for dh = 16 * nv, the head dimension in registers.
-void matmul_dh(int N, int nv, const float* a, int64_t ars, int64_t aks, const float* b, int K, float* c) {
-  const int64_t ld = nv * kW;
+// out (N x dh) = A (N x K) B (K x dh) for dh = 16 * nv, the head dimension in registers; B's and out's rows are
+// ldb and ldc floats apart.
+void matmul_dh(int N, int nv, const float* a, int64_t ars, int64_t aks, const float* b, int64_t ldb, int K, float* c,
+               int64_t ldc) {
   switch (nv) {
-    case 1: matmul<12, 1>(N, 1, a, ars, aks, b, ld, K, c, ld); break;
-    case 2: matmul<12, 2>(N, 2, a, ars, aks, b, ld, K, c, ld); break;
-    case 3: matmul<8, 3>(N, 3, a, ars, aks, b, ld, K, c, ld); break;
-    case 4: matmul<6, 4>(N, 4, a, ars, aks, b, ld, K, c, ld); break;
-    case 5: matmul<4, 5>(N, 5, a, ars, aks, b, ld, K, c, ld); break;
-    case 6: matmul<4, 6>(N, 6, a, ars, aks, b, ld, K, c, ld); break;
-    default: matmul<6, 4>(N, nv, a, ars, aks, b, ld, K, c, ld); break;
+    case 1: matmul<12, 1>(N, 1, a, ars, aks, b, ldb, K, c, ldc); break;
+    case 2: matmul<12, 2>(N, 2, a, ars, aks, b, ldb, K, c, ldc); break;
+    case 3: matmul<8, 3>(N, 3, a, ars, aks, b, ldb, K, c, ldc); break;
+    case 4: matmul<6, 4>(N, 4, a, ars, aks, b, ldb, K, c, ldc); break;
+    case 5: matmul<4, 5>(N, 5, a, ars, aks, b, ldb, K, c, ldc); break;
+    case 6: matmul<4, 6>(N, 6, a, ars, aks, b, ldb, K, c, ldc); break;
+    default: matmul<6, 4>(N, nv, a, ars, aks, b, ldb, K, c, ldc); break;
   }
 }
 
-// S (N x Np) = X Y^T for X, Y of shape (N, dh): Y is first written transposed and zero-padded to Np columns.
-void scores(int N, int Np, int dh, const float* x, const float* y, float* yt, float* s) {
+// S (N x Np) = X Y^T for X, Y of N rows of dh (ldx, ldy floats apart): Y is first written transposed and
+// zero-padded to Np columns.
+void scores(int N, int Np, int dh, const float* x, int64_t ldx, const float* y, int64_t ldy, float* yt, float* s) {
   // In 16 x 16 tiles, read a row of 16 and written a column at a time, so both sides stay in a few cache lines.
   for (int j0 = 0; j0 < Np; j0 += kW)
     for (int d0 = 0; d0 < dh; d0 += kW)
       for (int j = j0; j < j0 + kW; ++j)
-        for (int d = d0; d < d0 + kW; ++d) yt[int64_t(d) * Np + j] = j < N ? y[int64_t(j) * dh + d] : 0.0f;
-  matmul<6, 4>(N, Np / kW, x, dh, 1, yt, Np, dh, s, Np);
+        for (int d = d0; d < d0 + kW; ++d) yt[int64_t(d) * Np + j] = j < N ? y[int64_t(j) * ldy + d] : 0.0f;
+  matmul<6, 4>(N, Np / kW, x, ldx, 1, yt, Np, dh, s, Np);
 }
 
 struct Scratch {
@@ -146,11 +154,12 @@ inline void probabilities(float* row, int N, int Np, float scale, float shift) {
   }
 }
 
-void forward_head(int N, int dh, float scale, const float* q, const float* k, const float* v, float* o, float* lse,
-                  Scratch& w) {
+// One (batch, head). Its rows of q, k, v (and of dq, dk, dv) are ld floats apart, those of o and dout ldo apart.
+void forward_head(int N, int dh, float scale, const float* q, const float* k, const float* v, int64_t ld, float* o,
+                  int64_t ldo, float* lse, Scratch& w) {
   const int Np = w.reserve(N, dh);
   float* s = w.s.data();
-  scores(N, Np, dh, q, k, w.t.data(), s);
+  scores(N, Np, dh, q, ld, k, ld, w.t.data(), s);
   float inv[N];
   for (int i = 0; i < N; ++i) {
     float* row = s + int64_t(i) * Np;
@@ -169,31 +178,32 @@ void forward_head(int N, int dh, float scale, const float* q, const float* k, co
     inv[i] = 1.0f / l;
     lse[i] = m + std::log(l);
   }
-  matmul_dh(N, dh / kW, s, Np, 1, v, N, o);  // unnormalised probabilities times V, then each row / its sum
+  matmul_dh(N, dh / kW, s, Np, 1, v, ld, N, o, ldo);  // unnormalised probabilities times V, then each row / its sum
   for (int i = 0; i < N; ++i)
-    for (int d = 0; d < dh; d += kW) store(o + int64_t(i) * dh + d, load(o + int64_t(i) * dh + d) * inv[i]);
+    for (int d = 0; d < dh; d += kW) store(o + i * ldo + d, load(o + i * ldo + d) * inv[i]);
 }
 
-void backward_head(int N, int dh, float scale, const float* q, const float* k, const float* v, const float* o,
-                   const float* lse, const float* dout, float* dq, float* dk, float* dv, Scratch& w) {
+void backward_head(int N, int dh, float scale, const float* q, const float* k, const float* v, int64_t ld,
+                   const float* o, const float* dout, int64_t ldo, const float* lse, float* dq, float* dk, float* dv,
+                   Scratch& w) {
   const int Np = w.reserve(N, dh);
   float* p = w.s.data();
   float* ds = w.ds.data();
-  scores(N, Np, dh, q, k, w.t.data(), p);
+  scores(N, Np, dh, q, ld, k, ld, w.t.data(), p);
   for (int i = 0; i < N; ++i) probabilities(p + int64_t(i) * Np, N, Np, scale, lse[i]);
-  matmul_dh(N, dh / kW, p, 1, Np, dout, N, dv);  // dV = P^T dO
-  scores(N, Np, dh, dout, v, w.t.data(), ds);    // dP = dO V^T
-  for (int i = 0; i < N; ++i) {                   // dS = P * (dP - rowsum(dO * O)), times the scale of the logits
+  matmul_dh(N, dh / kW, p, 1, Np, dout, ldo, N, dv, ld);  // dV = P^T dO
+  scores(N, Np, dh, dout, ldo, v, ld, w.t.data(), ds);    // dP = dO V^T
+  for (int i = 0; i < N; ++i) {                            // dS = P * (dP - rowsum(dO * O)), times the logits' scale
     vf acc{};
-    for (int d = 0; d < dh; d += kW) acc += load(dout + int64_t(i) * dh + d) * load(o + int64_t(i) * dh + d);
+    for (int d = 0; d < dh; d += kW) acc += load(dout + i * ldo + d) * load(o + i * ldo + d);
     float delta = 0.0f;
     for (int t = 0; t < kW; ++t) delta += acc[t];
     float* prow = p + int64_t(i) * Np;
     float* drow = ds + int64_t(i) * Np;
     for (int j = 0; j < Np; j += kW) store(drow + j, load(prow + j) * (load(drow + j) - delta) * scale);
   }
-  matmul_dh(N, dh / kW, ds, Np, 1, k, N, dq);  // dQ = dS K
-  matmul_dh(N, dh / kW, ds, 1, Np, q, N, dk);  // dK = dS^T Q
+  matmul_dh(N, dh / kW, ds, Np, 1, k, ld, N, dq, ld);  // dQ = dS K
+  matmul_dh(N, dh / kW, ds, 1, Np, q, ld, N, dk, ld);  // dK = dS^T Q
 }
 
 // Runs work(i, scratch) for i in [0, n) on the calling thread and on XLA's intra-op thread pool. The caller works
@@ -222,38 +232,53 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, F work) {
   while (state->active.load() != 0) std::this_thread::yield();
 }
 
-ffi::Error check(ffi::Span<const int64_t> dims, int64_t& heads, int& N, int& dh) {
-  if (dims.size() != 4) return ffi::Error::InvalidArgument("attention expects (B, H, N, dh) inputs");
-  heads = dims[0] * dims[1];
-  N = static_cast<int>(dims[2]);
-  dh = static_cast<int>(dims[3]);
-  if (dh % kW != 0) return ffi::Error::InvalidArgument("attention kernel needs a head dimension divisible by 16");
+// The shape of an attention call, from qkv's dimensions (B, N, 3, H, dh).
+struct Shape {
+  int64_t batch, heads;
+  int N, dh;
+  int64_t ld() const { return 3 * heads * dh; }  // floats between a head's rows of qkv
+  int64_t ldo() const { return heads * dh; }     // and of o
+  // The i-th (batch, head)'s first q row in qkv and first row in o.
+  int64_t q_offset(int64_t i) const { return (i / heads) * N * ld() + (i % heads) * dh; }
+  int64_t o_offset(int64_t i) const { return (i / heads) * N * ldo() + (i % heads) * dh; }
+};
+
+ffi::Error check(ffi::Span<const int64_t> dims, Shape& shape) {
+  if (dims.size() != 5 || dims[2] != 3)
+    return ffi::Error::InvalidArgument("attention expects qkv of shape (B, N, 3, H, dh)");
+  shape = {dims[0], dims[3], static_cast<int>(dims[1]), static_cast<int>(dims[4])};
+  if (shape.dh % kW != 0)
+    return ffi::Error::InvalidArgument("attention kernel needs a head dimension divisible by 16");
   return ffi::Error::Success();
 }
 
-ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                   float scale, ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse) {
-  int64_t heads; int N, dh;
-  if (auto e = check(q.dimensions(), heads, N, dh); e.failure()) return e;
-  const int64_t step = int64_t(N) * dh;
-  parallel_for(pool, heads, [&](int64_t h, Scratch& w) {
-    forward_head(N, dh, scale, q.typed_data() + h * step, k.typed_data() + h * step, v.typed_data() + h * step,
-                 o->typed_data() + h * step, lse->typed_data() + h * N, w);
+// qkv (B, N, 3, H, dh) -> o (B, N, H, dh) and the log-sum-exp of each row of scores, lse (B, H, N).
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, float scale, ffi::ResultBuffer<ffi::F32> o,
+                   ffi::ResultBuffer<ffi::F32> lse) {
+  Shape x;
+  if (auto e = check(qkv.dimensions(), x); e.failure()) return e;
+  const int64_t hd = int64_t(x.heads) * x.dh;
+  parallel_for(pool, x.batch * x.heads, [&](int64_t i, Scratch& w) {
+    const float* q = qkv.typed_data() + x.q_offset(i);
+    forward_head(x.N, x.dh, scale, q, q + hd, q + 2 * hd, x.ld(), o->typed_data() + x.o_offset(i), x.ldo(),
+                 lse->typed_data() + i * x.N, w);
   });
   return ffi::Error::Success();
 }
 
-ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                    ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, float scale,
-                    ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
-                    ffi::ResultBuffer<ffi::F32> dv) {
-  int64_t heads; int N, dh;
-  if (auto e = check(q.dimensions(), heads, N, dh); e.failure()) return e;
-  const int64_t step = int64_t(N) * dh;
-  parallel_for(pool, heads, [&](int64_t h, Scratch& w) {
-    backward_head(N, dh, scale, q.typed_data() + h * step, k.typed_data() + h * step, v.typed_data() + h * step,
-                  o.typed_data() + h * step, lse.typed_data() + h * N, dout.typed_data() + h * step,
-                  dq->typed_data() + h * step, dk->typed_data() + h * step, dv->typed_data() + h * step, w);
+// qkv, o, lse and dout (the gradient of o) -> dqkv (B, N, 3, H, dh).
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> o,
+                    ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, float scale,
+                    ffi::ResultBuffer<ffi::F32> dqkv) {
+  Shape x;
+  if (auto e = check(qkv.dimensions(), x); e.failure()) return e;
+  const int64_t hd = int64_t(x.heads) * x.dh;
+  parallel_for(pool, x.batch * x.heads, [&](int64_t i, Scratch& w) {
+    const float* q = qkv.typed_data() + x.q_offset(i);
+    float* dq = dqkv->typed_data() + x.q_offset(i);
+    backward_head(x.N, x.dh, scale, q, q + hd, q + 2 * hd, x.ld(), o.typed_data() + x.o_offset(i),
+                  dout.typed_data() + x.o_offset(i), x.ldo(), lse.typed_data() + i * x.N, dq, dq + hd, dq + 2 * hd,
+                  w);
   });
   return ffi::Error::Success();
 }
@@ -263,8 +288,6 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VitAttentionForward, Forward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale")
                                   .Ret<ffi::Buffer<ffi::F32>>()
@@ -277,9 +300,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VitAttentionBackward, Backward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -4,7 +4,9 @@ XLA:CPU runs attention as separate batched matmuls at 197 x 197 x 64 (ViT-Ti, -S
 scores written to memory between them, at ~35% of this machine's matmul peak; the attention core (q k^T, softmax,
 attn v and their backward) took ~30% of ViT-Ti's train step for 14% of its FLOPs. The kernel does each (batch, head)
 whole while its scores sit in the core's cache, forward and backward (the backward recomputes the probabilities from
-the saved log-sum-exp, as flash attention does), on XLA's own intra-op threads.
+the saved log-sum-exp, as flash attention does), on XLA's own intra-op threads. It takes the qkv projection's output
+token-major and packed, (B, N, 3, H, dh), and returns (B, N, H, dh) for the output projection: the projections on
+either side are then plain (B N, D) matmuls, and no activation is transposed or sliced on the way.
 
 The library is compiled on first use with the machine's C++ compiler (``g++ -O3 -march=native``, ~5 s) into
 ``$VIT_JAX_CACHE`` (default ``~/.cache/vit_jax``), keyed by the source, the compiler flags, jaxlib's version and the
@@ -118,32 +120,38 @@ def available() -> bool:
     return _enabled and jax.default_backend() == 'cpu' and _registered()
 
 
-def supports(q: jax.Array) -> bool:
-    """Whether ``attention`` can take q, k, v like ``q``: float32 (B, H, N, dh) with dh a multiple of 16, on CPU."""
-    return available() and q.ndim == 4 and q.dtype == jnp.float32 and q.shape[-1] % VECTOR == 0
+def supports(dtype, head_dim: int) -> bool:
+    """Whether ``attention`` can take qkv of this dtype and head dimension: float32, a multiple of 16, on CPU."""
+    return available() and jnp.dtype(dtype) == jnp.float32 and head_dim % VECTOR == 0
 
 
 # The FFI calls, each partitioned over batch and heads: whatever the partitioner gives those two dimensions, the
 # tokens and head dimension are gathered whole and every device runs the kernel on its own (batch, head) slices.
-
-def _heads_sharding(sharding, rank: int):
-    spec = tuple(sharding.spec) + (None,) * 4
-    return NamedSharding(sharding.mesh, P(*spec[:2], *(None,) * (rank - 2)))
+# Each operand and result is named by its layout, in the letters of the sharding rules.
+QKV, OUT, LSE = 'bnthd', 'bnhd', 'bhn'
 
 
-def _partitioned(fn, rule: str):
+def _heads_sharding(qkv_sharding, layout: str):
+    """qkv's sharding of batch and heads, carried over to an array of the given layout; all else replicated."""
+    spec = tuple(qkv_sharding.spec) + (None,) * 5
+    by_axis = {'b': spec[0], 'h': spec[3]}
+    return NamedSharding(qkv_sharding.mesh, P(*(by_axis.get(axis) for axis in layout)))
+
+
+def _partitioned(fn, args: tuple[str, ...], results: tuple[str, ...]):
     wrapped = custom_partitioning(fn, static_argnums=(0,))
 
     def infer(scale, mesh, arg_shapes, result_shape):
-        first = arg_shapes[0].sharding
-        return tuple(_heads_sharding(first, r.ndim) for r in result_shape)
+        shardings = tuple(_heads_sharding(arg_shapes[0].sharding, layout) for layout in results)
+        return shardings if len(shardings) > 1 else shardings[0]
 
     def partition(scale, mesh, arg_shapes, result_shape):
-        args = tuple(_heads_sharding(arg_shapes[0].sharding, a.ndim) for a in arg_shapes)
-        return mesh, functools.partial(fn, scale), infer(scale, mesh, arg_shapes, result_shape), args
+        arg_shardings = tuple(_heads_sharding(arg_shapes[0].sharding, layout) for layout in args)
+        return mesh, functools.partial(fn, scale), infer(scale, mesh, arg_shapes, result_shape), arg_shardings
 
+    rule = ', '.join(' '.join(layout) for layout in args) + ' -> ' + ', '.join(' '.join(layout) for layout in results)
     wrapped.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule,
-                          need_replication_factors=('n', 'd'))
+                          need_replication_factors=('n', 't', 'd'))
     return wrapped
 
 
@@ -155,38 +163,38 @@ def _require_kernel():
                            '`supports(q)` first and take `softmax_attention` where it is False.')
 
 
-def _forward_call(scale: float, q, k, v):
+def _forward_call(scale: float, qkv):
     _require_kernel()
-    return jax.ffi.ffi_call('vit_attention_forward', (jax.ShapeDtypeStruct(q.shape, q.dtype),
-                                                      jax.ShapeDtypeStruct(q.shape[:3], q.dtype)))(
-        q, k, v, scale=np.float32(scale))
+    b, n, _, h, dh = qkv.shape
+    return jax.ffi.ffi_call('vit_attention_forward', (jax.ShapeDtypeStruct((b, n, h, dh), qkv.dtype),
+                                                      jax.ShapeDtypeStruct((b, h, n), qkv.dtype)))(
+        qkv, scale=np.float32(scale))
 
 
-def _backward_call(scale: float, q, k, v, o, lse, do):
+def _backward_call(scale: float, qkv, o, lse, do):
     _require_kernel()
-    shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
-    return jax.ffi.ffi_call('vit_attention_backward', (shape, shape, shape))(q, k, v, o, lse, do,
-                                                                               scale=np.float32(scale))
+    return jax.ffi.ffi_call('vit_attention_backward', jax.ShapeDtypeStruct(qkv.shape, qkv.dtype))(
+        qkv, o, lse, do, scale=np.float32(scale))
 
 
-_forward = _partitioned(_forward_call, 'b h n d, b h n d, b h n d -> b h n d, b h n')
-_backward = _partitioned(_backward_call, 'b h n d, b h n d, b h n d, b h n d, b h n, b h n d -> '
-                                         'b h n d, b h n d, b h n d')
+_forward = _partitioned(_forward_call, (QKV,), (OUT, LSE))
+_backward = _partitioned(_backward_call, (QKV, OUT, LSE, OUT), (QKV,))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
-    """softmax(q k^T * scale) v for float32 q, k, v of shape (B, H, N, dh), dh a multiple of 16 (see ``supports``)."""
-    return _forward(scale, q, k, v)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def attention(qkv: jax.Array, scale: float) -> jax.Array:
+    """softmax(q k^T * scale) v for each head, token-major: float32 qkv (B, N, 3, H, dh) = [q | k | v] with dh a
+    multiple of 16 (see ``supports``) -> (B, N, H, dh)."""
+    return _forward(scale, qkv)[0]
 
 
-def _attention_forward(q, k, v, scale):
-    o, lse = _forward(scale, q, k, v)
-    return o, (q, k, v, o, lse)
+def _attention_forward(qkv, scale):
+    o, lse = _forward(scale, qkv)
+    return o, (qkv, o, lse)
 
 
 def _attention_backward(scale, residuals, do):
-    return _backward(scale, *residuals, do)
+    return (_backward(scale, *residuals, do),)
 
 
 attention.defvjp(_attention_forward, _attention_backward)

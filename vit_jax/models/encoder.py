@@ -96,36 +96,49 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) ->
 
 
 class QKVProjection(nn.Module):
-    """x (B, N, D) -> q, k, v (B, H, N, dh) with one kernel (D, 3, H, dh) = [q | k | v] and bias (3, H, dh)."""
+    """x (B, N, D) -> [q | k | v] with one kernel (D, 3, H, dh) and bias (3, H, dh), in one of two layouts.
+
+    Token-major (the default): one array qkv (B, N, 3, H, dh), a plain (B N, D) x (D, 3 D) matmul, as the fused
+    attention kernels take it. Head-major: q, k, v (B, H, N, dh) each, which XLA's own batched attention matmuls
+    want (it would transpose token-major ones itself, at a higher cost).
+    """
 
     num_heads: int
     use_bias: bool = True
+    head_major: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
         d = x.shape[-1]
         shape = (d, 3, self.num_heads, d // self.num_heads)
         kernel = self.param('kernel', partitioned(qkv_kernel_init, ('embed', None, 'heads', 'kv')), shape,
                             self.param_dtype)
-        qkv = jnp.einsum('bnd,dthk->tbhnk', x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.head_major:
+            qkv = jnp.einsum('bnd,dthk->tbhnk', x.astype(self.dtype), kernel.astype(self.dtype))
+            bias_shape = (3, 1, self.num_heads, 1, shape[3])
+        else:
+            qkv = jnp.einsum('bnd,dthk->bnthk', x.astype(self.dtype), kernel.astype(self.dtype))
+            bias_shape = shape[1:]
         if self.use_bias:
             bias = self.param('bias', partitioned(dense_bias_init, (None, 'heads', 'kv')), shape[1:],
                               self.param_dtype)
-            qkv = qkv + bias.astype(self.dtype)[:, None, :, None, :]
-        return qkv[0], qkv[1], qkv[2]
+            qkv = qkv + bias.astype(self.dtype).reshape(bias_shape)
+        return (qkv[0], qkv[1], qkv[2]) if self.head_major else qkv
 
 
 class MultiHeadSelfAttention(nn.Module):
     """softmax(q k^T / sqrt(d_head)) v over all heads, with one fused qkv projection.
 
-    The fused ``qkv`` kernel (D, 3, H, dh) makes one matmul instead of three, and writes q, k, v head-major for the
-    attention matmuls. On GPU / TPU attention goes through ``jax.nn.dot_product_attention`` (cuDNN flash attention on
-    GPU); on CPU through the fused C++ kernel of ``vit_jax.kernels.cpu_attention`` (float32, head dimension a
-    multiple of 16), else ``softmax_attention``, both faster there. The explicit-softmax path is taken when it is
-    needed: attention dropout while training, or when the caller asks for the attention maps by making the
-    ``'attention_weights'`` collection mutable (``model.apply(..., mutable=['attention_weights'])``).
+    The fused ``qkv`` kernel (D, 3, H, dh) makes one matmul instead of three. On GPU / TPU attention goes through
+    ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU); on CPU through the fused C++ kernel of
+    ``vit_jax.kernels.cpu_attention`` (float32, head dimension a multiple of 16). Both take q, k, v token-major
+    (B, N, H, dh) and give the output so, and the projections on either side are plain matmuls. Elsewhere on CPU
+    (bfloat16, say) XLA's own batched matmuls do it, head-major (``softmax_attention``). The explicit-softmax path,
+    head-major too, is taken when it is needed: attention dropout while training, or when the caller asks for the
+    attention maps by making the ``'attention_weights'`` collection mutable
+    (``model.apply(..., mutable=['attention_weights'])``).
     """
 
     num_heads: int
@@ -139,24 +152,30 @@ class MultiHeadSelfAttention(nn.Module):
         d = x.shape[-1]
         h = self.num_heads
         dh = d // h
-        q, k, v = QKVProjection(h, self.qkv_bias, self.dtype, self.param_dtype, name='qkv')(x)  # (B, H, N, dh)
         scale = dh ** -0.5
-        if (not deterministic and self.attention_dropout_rate > 0.0) or self.is_mutable_collection('attention_weights'):
+        explicit = (not deterministic and self.attention_dropout_rate > 0.0) or self.is_mutable_collection(
+            'attention_weights')
+        on_cpu = jax.default_backend() == 'cpu'
+        head_major = explicit or (on_cpu and not cpu_attention.supports(self.dtype, dh))
+        qkv = QKVProjection(h, self.qkv_bias, head_major, self.dtype, self.param_dtype, name='qkv')(x)
+        if explicit:
+            q, k, v = qkv  # (B, H, N, dh)
             logits = jnp.einsum('bhqd,bhkd->bhqk', q * jnp.asarray(scale, q.dtype), k)
             weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
             self.sow('attention_weights', 'weights', weights)
             weights = nn.Dropout(self.attention_dropout_rate)(weights, deterministic=deterministic)
             y = jnp.einsum('bhqk,bhkd->bhqd', weights.astype(v.dtype), v)
-        elif jax.default_backend() == 'cpu':
-            y = cpu_attention.attention(q, k, v, scale) if cpu_attention.supports(q) else softmax_attention(
-                q, k, v, scale)
+        elif head_major:
+            y = softmax_attention(*qkv, scale)  # (B, H, N, dh)
+        elif on_cpu:
+            y = cpu_attention.attention(qkv, scale)  # (B, N, H, dh)
         else:
-            y = jax.nn.dot_product_attention(*(jnp.swapaxes(t, 1, 2) for t in (q, k, v)), scale=scale)
-            y = jnp.swapaxes(y, 1, 2)
-        # The output projection contracts heads and head dims straight from the (B, H, N, dh) layout: writing the
-        # attention output token-major first costs a transpose of every activation (on CPU ~40% of the attention
-        # block's fwd + bwd time at ViT-Ti shapes).
-        return nn.DenseGeneral(d, axis=(1, 3), name='out', dtype=self.dtype, param_dtype=self.param_dtype,
+            y = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], scale=scale)
+        # The output projection contracts heads and head dims in whichever layout attention gave: a head-major
+        # output written token-major first would cost a transpose of every activation (on CPU ~40% of the attention
+        # block's fwd + bwd time at ViT-Ti shapes, through XLA's ops).
+        return nn.DenseGeneral(d, axis=(1, 3) if head_major else (2, 3), name='out', dtype=self.dtype,
+                               param_dtype=self.param_dtype,
                                kernel_init=partitioned(dense_kernel_init, ('heads', 'kv', 'embed')),
                                bias_init=partitioned(dense_bias_init, ('embed',)))(y)
 
