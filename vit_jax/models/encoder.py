@@ -43,6 +43,27 @@ def qkv_kernel_init(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.f
     return jnp.stack(parts, axis=1)
 
 
+def token_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
+                      preferred_element_type=None) -> jax.Array:
+    """``lax.dot_general`` for a projection of tokens, with the lhs's leading (batch, token) dims merged into one.
+
+    The numbers are the same; the backward pass is not. Differentiating a projection of (B, N, D) activations gives a
+    weight gradient contracting over both B and N, which XLA:CPU runs through a transposed copy of the output
+    gradient; over one merged (B N) dimension it is a plain matmul. ViT-Ti's weight gradients took 0.30 s of a 1.0 s
+    train step before and 0.21 s after (~86% of the matmul peak), and the step went 5-7% faster (paired rounds).
+    Passed to ``nn.Dense`` / ``nn.DenseGeneral`` as their ``dot_general``; any other contraction goes to lax as is.
+    """
+    (lhs_contract, rhs_contract), batch = dimension_numbers
+    lead = lhs.ndim - len(lhs_contract)
+    if batch != ((), ()) or lead < 2 or tuple(lhs_contract) != tuple(range(lead, lhs.ndim)):
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                   preferred_element_type=preferred_element_type)
+    flat = lhs.reshape(-1, *lhs.shape[lead:])
+    y = jax.lax.dot_general(flat, rhs, ((tuple(range(1, flat.ndim)), tuple(rhs_contract)), ((), ())),
+                            precision=precision, preferred_element_type=preferred_element_type)
+    return y.reshape(*lhs.shape[:lead], *y.shape[1:])
+
+
 def partitioned(init, names: tuple[str | None, ...]):
     """Attaches logical axis names to an initialiser, so the train step can shard the parameter by rules."""
     return nn.with_logical_partitioning(init, names)
@@ -70,7 +91,8 @@ class MlpBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
         d = x.shape[-1]
-        dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+        dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
+                                  dot_general=token_dot_general)
         x = dense(self.mlp_dim, name='fc1',
                   kernel_init=partitioned(dense_kernel_init, ('embed', 'mlp')),
                   bias_init=partitioned(dense_bias_init, ('mlp',)))(x)
@@ -119,7 +141,7 @@ class QKVProjection(nn.Module):
             qkv = jnp.einsum('bnd,dthk->tbhnk', x.astype(self.dtype), kernel.astype(self.dtype))
             bias_shape = (3, 1, self.num_heads, 1, shape[3])
         else:
-            qkv = jnp.einsum('bnd,dthk->bnthk', x.astype(self.dtype), kernel.astype(self.dtype))
+            qkv = token_dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (((2,), (0,)), ((), ())))
             bias_shape = shape[1:]
         if self.use_bias:
             bias = self.param('bias', partitioned(dense_bias_init, (None, 'heads', 'kv')), shape[1:],
@@ -175,7 +197,7 @@ class MultiHeadSelfAttention(nn.Module):
         # output written token-major first would cost a transpose of every activation (on CPU ~40% of the attention
         # block's fwd + bwd time at ViT-Ti shapes, through XLA's ops).
         return nn.DenseGeneral(d, axis=(1, 3) if head_major else (2, 3), name='out', dtype=self.dtype,
-                               param_dtype=self.param_dtype,
+                               param_dtype=self.param_dtype, dot_general=token_dot_general,
                                kernel_init=partitioned(dense_kernel_init, ('heads', 'kv', 'embed')),
                                bias_init=partitioned(dense_bias_init, ('embed',)))(y)
 

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax.models.encoder import MlpBlock, dense_bias_init, dense_kernel_init
+from vit_jax.models.encoder import MlpBlock, dense_bias_init, dense_kernel_init, token_dot_general
 
 Dtype = Any
 
@@ -52,7 +52,7 @@ def soft_split(x: jax.Array, kernel: int, stride: int, padding: int) -> jax.Arra
 
 def _dense(features: int, name: str, dtype: Dtype, param_dtype: Dtype, use_bias: bool = True) -> nn.Dense:
     return nn.Dense(features, use_bias=use_bias, name=name, dtype=dtype, param_dtype=param_dtype,
-                    kernel_init=dense_kernel_init, bias_init=dense_bias_init)
+                    kernel_init=dense_kernel_init, bias_init=dense_bias_init, dot_general=token_dot_general)
 
 
 class TokenTransformer(nn.Module):
@@ -70,7 +70,8 @@ class TokenTransformer(nn.Module):
                                          name=name)
         y = norm('norm1')(x)
         qkv = nn.DenseGeneral((3, self.token_dim), use_bias=False, name='qkv', dtype=self.dtype,
-                              param_dtype=self.param_dtype, kernel_init=dense_kernel_init)(y)
+                              param_dtype=self.param_dtype, kernel_init=dense_kernel_init,
+                              dot_general=token_dot_general)(y)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         # Scaled by the input width, not token_dim: the original's head_dim = dim // num_heads with num_heads = 1.
         attn = jax.nn.softmax((q * dim ** -0.5) @ jnp.swapaxes(k, -1, -2), axis=-1)
@@ -153,6 +154,7 @@ class TokensToToken(nn.Module):
             x = soft_split(x, kernel=3, stride=2, padding=1)
         x = einops.rearrange(x, 'b h w c -> b (h w) c')
         return nn.Dense(self.hidden_size, name='project', dtype=self.dtype, param_dtype=self.param_dtype,
+                        dot_general=token_dot_general,
                         kernel_init=nn.with_logical_partitioning(dense_kernel_init, (None, 'embed')),
                         bias_init=nn.with_logical_partitioning(dense_bias_init, ('embed',)))(x)
 
