@@ -67,8 +67,10 @@ def test_matmuls_mode_times_every_matmul_of_the_step(capsys):
         assert result[key] > 0, key
     for key in ('matmuls_alone_utilisation', 'matmuls_alone_attention_utilisation', 'matmuls_alone_dense_utilisation'):
         assert 0 < result[key] < 1, key
-    assert set(result['matmul_utilisation']) == {name for name, *_ in bench.vit_matmuls(bench.build_model(
-        bench.parse_args(TINY)), 4, 10)}
+    names = {name for name, *_ in bench.vit_matmuls(bench.build_model(bench.parse_args(TINY)), 4, 10)}
+    if result['cpu_attention_kernel']:  # the kernel's forward and backward in place of XLA's six attention matmuls
+        names = names - set(bench.ATTENTION_MATMULS) | {bench.ATTENTION_KERNEL}
+    assert set(result['matmul_utilisation']) == names
     assert all(0 <= u < 1 for u in result['matmul_utilisation'].values())
     # XLA's count of the step adds the norms, GELU, softmax and optimizer (a larger share on a tiny model) to these.
     assert 0.85 < result['matmuls_alone_flops_per_image'] / result['train_flops_per_image'] < 1.0

@@ -236,8 +236,8 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, F work) {
 struct Shape {
   int64_t batch, heads;
   int N, dh;
-  int64_t ld() const { return 3 * heads * dh; }  // floats between a head's rows of qkv
-  int64_t ldo() const { return heads * dh; }     // and of o
+  int64_t ldo() const { return heads * dh; }  // floats between a head's rows of o, and from its q to its k in qkv
+  int64_t ld() const { return 3 * ldo(); }    // floats between a head's rows of qkv
   // The i-th (batch, head)'s first q row in qkv and first row in o.
   int64_t q_offset(int64_t i) const { return (i / heads) * N * ld() + (i % heads) * dh; }
   int64_t o_offset(int64_t i) const { return (i / heads) * N * ldo() + (i % heads) * dh; }
@@ -257,10 +257,10 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, float scale,
                    ffi::ResultBuffer<ffi::F32> lse) {
   Shape x;
   if (auto e = check(qkv.dimensions(), x); e.failure()) return e;
-  const int64_t hd = int64_t(x.heads) * x.dh;
   parallel_for(pool, x.batch * x.heads, [&](int64_t i, Scratch& w) {
     const float* q = qkv.typed_data() + x.q_offset(i);
-    forward_head(x.N, x.dh, scale, q, q + hd, q + 2 * hd, x.ld(), o->typed_data() + x.o_offset(i), x.ldo(),
+    const int64_t k = x.ldo(), v = 2 * x.ldo();
+    forward_head(x.N, x.dh, scale, q, q + k, q + v, x.ld(), o->typed_data() + x.o_offset(i), x.ldo(),
                  lse->typed_data() + i * x.N, w);
   });
   return ffi::Error::Success();
@@ -272,13 +272,12 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer
                     ffi::ResultBuffer<ffi::F32> dqkv) {
   Shape x;
   if (auto e = check(qkv.dimensions(), x); e.failure()) return e;
-  const int64_t hd = int64_t(x.heads) * x.dh;
   parallel_for(pool, x.batch * x.heads, [&](int64_t i, Scratch& w) {
     const float* q = qkv.typed_data() + x.q_offset(i);
     float* dq = dqkv->typed_data() + x.q_offset(i);
-    backward_head(x.N, x.dh, scale, q, q + hd, q + 2 * hd, x.ld(), o.typed_data() + x.o_offset(i),
-                  dout.typed_data() + x.o_offset(i), x.ldo(), lse.typed_data() + i * x.N, dq, dq + hd, dq + 2 * hd,
-                  w);
+    const int64_t k = x.ldo(), v = 2 * x.ldo();
+    backward_head(x.N, x.dh, scale, q, q + k, q + v, x.ld(), o.typed_data() + x.o_offset(i),
+                  dout.typed_data() + x.o_offset(i), x.ldo(), lse.typed_data() + i * x.N, dq, dq + k, dq + v, w);
   });
   return ffi::Error::Success();
 }
