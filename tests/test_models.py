@@ -8,6 +8,7 @@ import pytest
 from flax.core import meta
 
 from vit_jax import models
+from vit_jax.models.encoder import token_dot_general
 
 SMALL = dict(hidden_size=48, num_layers=2, num_heads=3, mlp_dim=96)
 FAMILIES = {  # name -> (overrides, two resolutions)
@@ -115,10 +116,10 @@ def test_intermediates_and_attention_weights():
 
 
 def test_accelerator_attention_path_matches_cpu_path(monkeypatch):
-    """GPUs / TPUs take jax.nn.dot_product_attention (token-major in and out); CPU the fused kernel (head-major).
+    """GPUs / TPUs take jax.nn.dot_product_attention, CPU the fused kernel: both token-major, (B, N, H, dh).
 
-    Both feed the output projection head-major; forcing the accelerator branch here (its XLA implementation runs
-    on CPU) checks that the layouts line up, with gradients.
+    Forcing the accelerator branch here (its XLA implementation runs on CPU) checks it against the kernel's, with
+    gradients.
     """
     overrides, (size, _) = FAMILIES['vit_ti16']
     model = models.create_model('vit_ti16', num_classes=5, image_size=size, **overrides)
@@ -133,6 +134,28 @@ def test_accelerator_attention_path_matches_cpu_path(monkeypatch):
     np.testing.assert_allclose(accel_loss, cpu_loss, rtol=1e-5)
     for a, c in zip(jax.tree.leaves(accel_grads), jax.tree.leaves(cpu_grads)):
         np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('lhs_shape, rhs_shape, contract', [
+    ((2, 5, 8), (8, 3, 2, 4), ((2,), (0,))),            # qkv: (B, N, D) x (D, 3, H, dh)
+    ((2, 5, 2, 4), (2, 4, 8), ((2, 3), (0, 1))),        # out: (B, N, H, dh) x (H, dh, D)
+    ((3, 2, 5, 8), (8, 6), ((3,), (0,))),               # three leading dims merged
+    ((5, 8), (8, 6), ((1,), (0,))),                     # one leading dim: lax's own call
+    ((2, 8, 5), (8, 6), ((1,), (0,))),                  # not the trailing dims: lax's own call
+])
+def test_token_dot_general_is_dot_general(lhs_shape, rhs_shape, contract):
+    """Merging the leading dims changes how XLA computes the gradients, not their values."""
+    keys = jax.random.split(jax.random.key(0))
+    lhs, rhs = jax.random.normal(keys[0], lhs_shape), jax.random.normal(keys[1], rhs_shape)
+    dims = (contract, ((), ()))
+
+    def value_and_grads(dot_general):
+        out, vjp = jax.vjp(lambda a, b: dot_general(a, b, dims), lhs, rhs)
+        return (out, *vjp(jnp.cos(out)))
+
+    for got, want in zip(value_and_grads(token_dot_general), value_and_grads(jax.lax.dot_general)):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_embed_encode_classify_compose():
