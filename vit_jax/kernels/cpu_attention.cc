@@ -6,7 +6,7 @@
 // projection's output (B, N, 3, H, dh) = [q | k | v] as it is, the output (B, N, H, dh) goes straight into the
 // output projection, and the backward pass writes dqkv (B, N, 3, H, dh) for the qkv projection's backward. A head's
 // rows are then strided (3 H dh floats apart in qkv), but no transpose of the activations is ever made: in
-// XLA's head-major alternative, slicing and transposing q, k, v and their gradients took ~6% of ViT-Ti's step.
+// XLA's head-major alternative, slicing and transposing q, k, v and their gradients took ~5% of ViT-Ti's step.
 //
 // Why: at ViT-Ti shapes (N = 197, dh = 64) XLA:CPU runs the attention as separate batched matmuls with the
 // (N, N) scores written to memory between them, at ~35% of the machine's matmul peak. Here each (batch, head)

@@ -160,7 +160,7 @@ def _require_kernel():
     # ``supports``) loads it here, or learns why it can't.
     if not _registered():
         raise RuntimeError('the fused CPU attention kernel could not be built (see the warning above); call '
-                           '`supports(q)` first and take `softmax_attention` where it is False.')
+                           '`supports(dtype, head_dim)` first and take XLA\'s attention where it is False.')
 
 
 def _forward_call(scale: float, qkv):
