@@ -133,8 +133,8 @@ QKV, OUT, LSE = 'bnthd', 'bnhd', 'bhn'
 
 def _heads_sharding(qkv_sharding, layout: str):
     """qkv's sharding of batch and heads, carried over to an array of the given layout; all else replicated."""
-    spec = tuple(qkv_sharding.spec) + (None,) * 5
-    by_axis = {'b': spec[0], 'h': spec[3]}
+    spec = tuple(qkv_sharding.spec) + (None,) * len(QKV)
+    by_axis = {axis: spec[QKV.index(axis)] for axis in 'bh'}
     return NamedSharding(qkv_sharding.mesh, P(*(by_axis.get(axis) for axis in layout)))
 
 
