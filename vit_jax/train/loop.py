@@ -211,11 +211,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 break
         if start_step == total_steps:  # a finished workdir: report its result instead of nothing
             eval_metrics = evaluate(eval_step, state.ema_params if use_ema else state.params, config, mesh)
+        if step == total_steps and not preempted:
+            manager.wait_until_finished()
+            _write_done(workdir, step, eval_metrics)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         manager.wait_until_finished()
         writer.flush()
     return eval_metrics
+
+
+def _write_done(workdir: str, step: int, eval_metrics: dict[str, float]) -> None:
+    """``DONE``, written last (atomically) by a finished run: sweeps skip its workdir."""
+    if jax.process_index() == 0:
+        tmp = os.path.join(workdir, 'DONE.tmp')
+        with open(tmp, 'w') as f:
+            json.dump({'step': step, **eval_metrics}, f)
+        os.replace(tmp, os.path.join(workdir, 'DONE'))
 
 
 def _init_from_pretrained(state: TrainState, shardings: TrainState, model, init_from) -> TrainState:
