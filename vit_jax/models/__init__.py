@@ -1,5 +1,6 @@
 """Flax models: ViT, DeiT, T2T-ViT, ResNet hybrids and BiT ResNets, behind one registry."""
 
+from vit_jax.models.flops import flops  # noqa: F401 (analytic FLOPs, the ViT paper's Table 6 convention)
 from vit_jax.models.registry import ModelInfo, create_model, list_models, model_fields, model_info
 from vit_jax.models.resnet import ResNet
 from vit_jax.models.t2t import FROZEN_PARAM_NAMES
