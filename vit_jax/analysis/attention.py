@@ -1,0 +1,53 @@
+"""Every encoder block's attention maps, read from the ``'attention_weights'`` collection the blocks sow.
+
+Making that collection mutable switches the blocks to their explicit-softmax path (the CPU kernel and
+``jax.nn.dot_product_attention`` never form the maps). T2T's token layers sow theirs too; only the backbone's
+encoder is read here.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Iterable, Iterator
+
+import jax
+import numpy as np
+
+from vit_jax.models.vit import VisionTransformer
+
+
+class NotApplicableError(ValueError):
+    """The model lacks the part an analysis looks at (e.g. a ResNet has no attention)."""
+
+
+def require_transformer(model) -> VisionTransformer:
+    """``model`` if it has attention, position embeddings and tokens; else a NotApplicableError saying so."""
+    if not isinstance(model, VisionTransformer):
+        raise NotApplicableError(f'{type(model).__name__} is a CNN: it has no attention, position embeddings or '
+                                 'patch embedding to analyse. Choose a ViT, DeiT, T2T-ViT or hybrid model.')
+    return model
+
+
+def pixels_per_token(model: VisionTransformer) -> float:
+    """The side, in input pixels, of the image square that one patch token covers (ResNet stride x patch at hybrids)."""
+    return model.image_size / model.grid_size
+
+
+def encoder_attention(model: VisionTransformer, params, images: np.ndarray) -> np.ndarray:
+    """Images (B, S, S, 3) -> every encoder block's attention (L, B, H, N, N), float32, N = prefix + patches."""
+    _, state = _apply_with_attention(model, params, images)
+    encoder = state['attention_weights']['encoder']
+    if 'blocks' in encoder:  # scan_layers: one entry with a leading layer axis
+        return np.asarray(encoder['blocks']['attn']['weights'][0])
+    return np.stack([np.asarray(encoder[f'block_{i}']['attn']['weights'][0]) for i in range(model.num_layers)])
+
+
+def batched_attention(model: VisionTransformer, params, images: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+    """``encoder_attention`` of each batch in turn: attention maps are large (L B H N^2), so callers reduce per batch."""
+    for batch in images:
+        yield encoder_attention(model, params, batch)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply_with_attention(model: VisionTransformer, params, images):
+    return model.apply({'params': params}, images, mutable=['attention_weights'])
