@@ -14,6 +14,7 @@ Fields (override any of them on the command line: ``--config.optimizer.learning_
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import ml_collections
@@ -43,7 +44,21 @@ def base_config() -> ml_collections.ConfigDict:
     c.shuffle_buffer = 50_000
     c.augment = default_augment_config()
 
-    c.objective = 'supervised'
+    c.objective = 'supervised'   # 'supervised' | 'distillation' (see vit_jax.objectives)
+    # DeiT distillation (deit/main.py flags --teacher-model, --teacher-path, --distillation-type/alpha/tau).
+    c.distillation = ml_collections.ConfigDict(dict(
+        # The teacher: a vit_jax workdir (its model, resolution and normalisation are read from its config.json), or
+        # a checkpoint in any format load_params reads with model_name (and model overrides) set.
+        teacher=ml_collections.ConfigDict(dict(model_name='', path='', format='auto',
+                                               image_size=0,        # 0: the workdir's, else the student's
+                                               normalization='')),  # '': the workdir's, else the student's
+        type='hard',                 # 'none' | 'soft' | 'hard' (DeiT's best; deit/main.py defaults to 'none')
+        alpha=0.5,                   # deit/main.py --distillation-alpha
+        tau=1.0,                     # deit/main.py --distillation-tau
+        kl_normalisation='numel',    # soft: 'numel' (deit/losses.py: / batch x classes) | 'batchmean' (timm)
+        fusion='logit_mean',         # eval of two heads: 'logit_mean' (DeiT's code) | 'softmax_sum' (DeiT's paper)
+        preset='',                   # 'paper': soft, tau 3.0, alpha 0.1 (DeiT section 5.2)
+    ))
 
     # Fine-tuning: start from pretrained weights (any format vit_jax.checkpoints reads, or a vit_jax workdir).
     # A new zero-initialised head when the class count differs, position embeddings resized ('bilinear' as
@@ -51,14 +66,21 @@ def base_config() -> ml_collections.ConfigDict:
     c.init_from = ml_collections.ConfigDict(dict(path='', format='auto', posemb_resize='bilinear', skip=''))
 
     c.optimizer = ml_collections.ConfigDict(dict(
-        name='adamw',            # 'adamw' | 'adam' | 'sgd' (momentum)
+        name='adamw',            # 'adamw' = 'adam' (how decay applies: weight_decay_mode) | 'sgd' (momentum)
         learning_rate=1e-3,      # peak, reached after warmup
-        warmup_steps=0,
-        schedule='cosine',       # 'cosine' | 'linear' | 'constant' (after warmup)
-        end_learning_rate=0.0,   # cosine / linear decay target
+        warmup_steps=0,          # in optimizer updates
+        warmup_init_learning_rate=0.0,  # where warmup starts (timm's warmup_lr: 1e-6 in DeiT / T2T)
+        schedule='cosine',       # 'cosine' | 'linear' | 'constant' (after warmup) | 'timm_cosine' (per epoch)
+        end_learning_rate=0.0,   # cosine / linear decay target (timm's min_lr)
+        schedule_epoch_steps=0,  # timm_cosine: updates per epoch (the schedule steps once per epoch)
+        schedule_epoch_lag=0,    # timm_cosine: epoch e runs at epoch e - lag's rate (DeiT's main.py: 1)
+        cosine_epochs=0,         # timm_cosine: timm's t_initial (epochs after it stay at end_learning_rate)
         b1=0.9, b2=0.999, eps=1e-8,
+        mu_dtype='',             # Adam's first moment dtype ('bfloat16' in big_vision); '' = the params'
         momentum=0.9, nesterov=False,  # sgd
-        weight_decay=0.0,        # decoupled for adamw/sgd; L2 on gradients for adam (as vision_transformer)
+        weight_decay=0.0,        # on kernels only (vit_jax.train.optim.decays)
+        weight_decay_mode='lr',  # 'lr': p -= lr(t) w p (AdamW, flax.optim.Adam) | 'schedule': p -= lr(t)/peak w p
+                                 # (big_vision) | 'l2': g += w p (torch SGD)
         grad_clip_norm=0.0,      # global-norm clipping, 0 = off
         accumulation_steps=1,    # gradient accumulation: one update per this many steps (MultiSteps)
         microbatches=1,          # each step's batch computed in this many slices in turn: the same update,
@@ -76,6 +98,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3
     c.profile = False
+    # The teacher's architecture overrides: the same typed fields as config.model.
+    c.distillation.teacher.model = copy.deepcopy(c.model)
     return c
 
 
