@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import typing
 
 import ml_collections
 
@@ -27,12 +28,27 @@ MODEL_OVERRIDE_FIELDS = [f.name for f in dataclasses.fields(VisionTransformer)
                          if f.init and f.name not in ('parent', 'name', 'num_classes', 'image_size')]
 
 
+def _override_type(hint) -> type:
+    """The command-line type of a create_model field: ``int | None`` -> int, a dtype (``Any``) -> str."""
+    hint = next((a for a in typing.get_args(hint) if a is not type(None)), hint)  # Optional[X] -> X
+    hint = typing.get_origin(hint) or hint  # tuple[int, ...] -> tuple
+    return hint if hint in (int, float, bool, str, tuple) else str
+
+
+def model_overrides_config() -> ml_collections.ConfigDict:
+    """One typed placeholder per create_model override: None = the registry's value, and every field can still be set
+    from the command line (ml_collections cannot override a plain None: ``--config.model.remat=True`` failed)."""
+    hints = typing.get_type_hints(VisionTransformer)
+    return ml_collections.ConfigDict({f: ml_collections.config_dict.placeholder(_override_type(hints[f]))
+                                      for f in MODEL_OVERRIDE_FIELDS})
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model_name = 'vit_b16'
     # Overrides for create_model; None = the registry's value for this model. Listed so that a locked config accepts
     # --config.model.drop_path_rate=0.1 and rejects a misspelt field.
-    c.model = ml_collections.ConfigDict({f: None for f in MODEL_OVERRIDE_FIELDS})
+    c.model = model_overrides_config()
 
     c.dataset = 'imagenet2012'
     c.data_dir = ml_collections.FieldReference(None, field_type=str)
