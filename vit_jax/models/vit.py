@@ -5,8 +5,9 @@
     zL = Encoder(z0)                                                   # ViT eq. 2-4, shared by every family
     logits = head(pre_logits(pool(zL)))                                # + DeiT's head_dist on the distillation token
 
-The model is split into three methods so that objectives can reach inside it: ``embed`` (images -> patch tokens),
-``encode`` (patch tokens -> encoded tokens) and ``classify`` (encoded tokens -> logits). Masked patch prediction, for
+The model is split into stages so that objectives can reach inside it: ``embed`` (images -> patch tokens),
+``encode`` (patch tokens + their positions, ``patch_positions()``, -> prefix tokens prepended -> encoded tokens) and
+``classify`` (encoded tokens -> logits). Masked patch prediction, for
 instance, corrupts the output of ``embed`` before ``encode``. Intermediate outputs are sown, not returned:
 ``mutable=['intermediates']`` gives every block's tokens and the pre-logits features, ``mutable=['attention_weights']``
 every block's attention maps.
@@ -193,26 +194,48 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(x)
         return einops.rearrange(x, 'b h w d -> b (h w) d')
 
-    def encode(self, tokens: jax.Array, train: bool = False) -> jax.Array:
-        """Patch tokens (B, N, D) -> encoded tokens (B, prefix + N, D) (ViT eq. 1-4)."""
-        b, _, d = tokens.shape
+    def patch_positions(self) -> jax.Array:
+        """The position embeddings of the patch tokens, (1, N, D), in the grid's row-major order."""
+        p = self.num_prefix_tokens
+        if self.posemb == 'sincos2d':  # big_vision: fixed, and it covers the patches only
+            return sincos2d_posemb(self.grid_size, self.grid_size, self.hidden_size)
+        table = self.pos_embed if self.posemb == 'learned' else jax.lax.stop_gradient(self.sinusoid_pos_embed)
+        return table[:, p:]
+
+    def prefix_tokens(self, batch_size: int) -> jax.Array:
+        """The class token and DeiT's distillation token with their position embeddings, (B, prefix, D)."""
+        d = self.hidden_size
         prefix = []
         if self.classifier in ('token', 'token_unpooled'):
             prefix.append(self.class_token)
         if self.distilled:
             prefix.append(self.distillation_token)
-        prefix = [jnp.broadcast_to(t, (b, 1, d)).astype(tokens.dtype) for t in prefix]
-        if self.posemb == 'sincos2d':  # big_vision: the position embedding does not cover the prefix tokens
-            g = self.grid_size
-            x = jnp.concatenate(prefix + [tokens + sincos2d_posemb(g, g, d).astype(tokens.dtype)], axis=1)
-        else:
-            pos = self.pos_embed if self.posemb == 'learned' else jax.lax.stop_gradient(self.sinusoid_pos_embed)
-            x = jnp.concatenate(prefix + [tokens], axis=1) + pos.astype(tokens.dtype)
+        if not prefix:
+            return jnp.zeros((batch_size, 0, d), self.compute_dtype)
+        x = jnp.concatenate(prefix, axis=1)
+        if self.posemb != 'sincos2d':
+            table = self.pos_embed if self.posemb == 'learned' else jax.lax.stop_gradient(self.sinusoid_pos_embed)
+            x = x + table[:, :len(prefix)]
+        return jnp.broadcast_to(x, (batch_size, *x.shape[1:])).astype(self.compute_dtype)
+
+    def encode(self, tokens: jax.Array, train: bool = False, positions: jax.Array | None = None) -> jax.Array:
+        """Patch tokens (B, n, D) -> encoded tokens (B, prefix + n, D) (ViT eq. 1-4).
+
+        ``positions`` are the tokens' position embeddings, (1 or B, n, D); by default every patch's, in order. MAE
+        encodes the patches it keeps with their own positions (``patch_positions()`` gathered), so the position
+        embeddings are added here, per token, not to a full-length sequence.
+        """
+        positions = self.patch_positions() if positions is None else positions
+        x = tokens + positions.astype(tokens.dtype)
+        x = jnp.concatenate([self.prefix_tokens(tokens.shape[0]).astype(tokens.dtype), x], axis=1)
         x = self.embedding_dropout(x, deterministic=not train)
         return self.encoder(x, deterministic=not train)
 
-    def classify(self, x: jax.Array, train: bool = False):
-        """Encoded tokens -> logits (B, classes) in float32; distilled DeiT: both heads while training, else their mean."""
+    def classify(self, x: jax.Array, train: bool = False, both_heads: bool = False):
+        """Encoded tokens -> logits (B, classes) in float32.
+
+        Distilled DeiT: both heads' logits while training (or with ``both_heads``), else their mean (DeiT inference).
+        """
         if self.classifier == 'token':
             features = x[:, 0]
         elif self.classifier == 'gap':
@@ -228,7 +251,7 @@ class VisionTransformer(nn.Module):
         if not self.distilled:
             return logits
         distillation_logits = self.head_dist(x[:, 1]).astype(jnp.float32)
-        if train:
+        if train or both_heads:
             return logits, distillation_logits
         return (logits + distillation_logits) / 2  # DeiT inference: average of the two heads
 

@@ -29,7 +29,8 @@ from clu import metric_writers, periodic_actions
 from vit_jax import checkpoints, data, models, sharding
 from vit_jax.objectives import create_objective
 from vit_jax.train.optim import create_optimizer
-from vit_jax.train.step import TrainState, init_state, make_eval_step, make_train_step
+from vit_jax.train.step import (TrainState, abstract_state, init_state, make_eval_step, make_train_step,
+                                place_frozen, state_shardings)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -85,17 +86,19 @@ def _device_batches(it: Iterator[dict], mesh, size: int = 2) -> Iterator[dict]:
         yield queue.popleft()
 
 
-def evaluate(eval_step, params, config, mesh) -> dict[str, float]:
-    """Loss, top-1 and top-5 over the whole eval split (padding masked out)."""
+def evaluate(eval_step, objective, state: TrainState, config, mesh, use_ema: bool) -> dict[str, float]:
+    """The objective's eval metrics (loss, top-1, top-5, ...) over the whole eval split (padding masked out).
+
+    With EMA the averaged parameters are evaluated (they are what T2T reports and releases).
+    """
+    params = state.ema_params if use_ema else state.params
     it = data.eval_iterator(config, process_index=jax.process_index(), process_count=jax.process_count())
     sums = None
     for batch in _device_batches(it, mesh):  # sums stay on device: one transfer at the end, not one per batch
-        step_sums = eval_step(params, batch)
+        step_sums = eval_step(params, state.objective_params, state.frozen, batch)
         sums = step_sums if sums is None else jax.tree.map(jnp.add, sums, step_sums)
-    totals = collections.defaultdict(float, {k: float(v) for k, v in jax.device_get(sums or {}).items()})
-    count = max(totals['count'], 1.0)
-    return {'eval_loss': totals['loss'] / count, 'eval_top1': totals['top1'] / count,
-            'eval_top5': totals['top5'] / count}
+    totals = {k: float(v) for k, v in jax.device_get(sums or {}).items()}
+    return objective.eval_metrics(totals)
 
 
 class MetricsLog:
@@ -115,8 +118,8 @@ class MetricsLog:
                 f.write(json.dumps({'step': step, **metrics}) + '\n')
 
 
-def _check_finite(pending: list[tuple[int, dict]], manager: ocp.CheckpointManager) -> dict[str, float]:
-    """Fetches the metrics of the steps since the last check; raises at the first non-finite loss, naming the step."""
+def _check_finite(pending: list[tuple[int, dict]], manager: ocp.CheckpointManager) -> None:
+    """Raises at the first non-finite loss since the last log, naming the step; the metrics stay pending."""
     fetched = jax.device_get(pending)
     for step, metrics in fetched:
         loss = float(metrics['train_loss'])
@@ -125,6 +128,12 @@ def _check_finite(pending: list[tuple[int, dict]], manager: ocp.CheckpointManage
             raise NonFiniteLossError(
                 f'Training loss is {loss} at step {step}. The last good checkpoint (step {good}) in '
                 f'{manager.directory} is intact; lower the learning rate or enable grad_clip_norm, then rerun.')
+
+
+def _summarise(pending: list[tuple[int, dict]], manager: ocp.CheckpointManager) -> dict[str, float]:
+    """Checks and averages the metrics of the steps since the last log, and clears them."""
+    _check_finite(pending, manager)
+    fetched = jax.device_get(pending)
     # Means over the steps since the last log; the learning rate is the current one.
     means = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[0][1]} if fetched else {}
     if fetched:
@@ -136,23 +145,28 @@ def _check_finite(pending: list[tuple[int, dict]], manager: ocp.CheckpointManage
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and returns the final eval metrics."""
     info, model, mesh, total_steps = build(config)
+    objective = create_objective(config, model, info.num_classes)
     os.makedirs(workdir, exist_ok=True)
     opt = config.optimizer
     accumulation = max(int(opt.accumulation_steps), 1)
     tx, schedule = create_optimizer(opt, total_steps // accumulation)
     use_ema = opt.ema_decay > 0
-    state, shardings = init_state(model, tx, mesh, config.image_size, config.seed, use_ema)
+    frozen = objective.load_frozen()  # read from its source at every start: a workdir never holds it
 
     manager = ocp.CheckpointManager(
         os.path.abspath(os.path.join(workdir, 'checkpoints')),
         options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
     latest = manager.latest_step()
-    if latest is not None:
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+    shardings = state_shardings(model, tx, mesh, config.image_size, use_ema, objective)
+    if latest is not None:  # restored into the abstract state: no random state is built first
+        abstract = abstract_state(model, tx, mesh, config.image_size, use_ema, objective).to_save()
         state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
+        state = state.replace(frozen=place_frozen(frozen, shardings))
         logging.info('Resumed from step %d of %s.', latest, manager.directory)
-    elif config.init_from.path:
-        state = _init_from_pretrained(state, shardings, model, config.init_from)
+    else:
+        state, shardings = init_state(model, tx, mesh, config.image_size, config.seed, use_ema, objective, frozen)
+        if config.init_from.path:
+            state = _init_from_pretrained(state, shardings, model, config.init_from)
     start_step = int(jax.device_get(state.step))
 
     log = MetricsLog(os.path.join(workdir, 'metrics.jsonl'), start_step)
@@ -166,10 +180,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  config.dataset, info.num_classes, info.num_train_examples, total_steps, config.batch_size,
                  dict(mesh.shape))
 
-    objective = create_objective(config.objective, model)
     train_step = make_train_step(objective, tx, shardings, mesh, schedule, config.seed, opt.ema_decay, accumulation,
                                  microbatches=int(opt.microbatches))
-    eval_step = make_eval_step(model, mesh, shardings.params)
+    eval_step = make_eval_step(objective, mesh, shardings)
     batches = _device_batches(data.train_iterator(config, seed=config.seed, start_step=start_step,
                                                   process_index=jax.process_index(),
                                                   process_count=jax.process_count()), mesh)
@@ -195,22 +208,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             last = step == total_steps
             logged: dict[str, float] = {}
             if step % config.log_every == 0 or last:
-                logged.update(_check_finite(pending, manager))
+                logged.update(_summarise(pending, manager))
             if step % config.eval_every == 0 or last:
-                eval_metrics = evaluate(eval_step, state.ema_params if use_ema else state.params, config, mesh)
+                eval_metrics = evaluate(eval_step, objective, state, config, mesh, use_ema)
                 logged.update(eval_metrics)
             if logged:
                 writer.write_scalars(step, logged)
                 log.write(step, logged)
             if step % config.checkpoint_every == 0 or last or preempted:
                 _check_finite(pending, manager)  # never save a state that came from a non-finite loss
-                manager.save(step, args=ocp.args.StandardSave(state))
+                manager.save(step, args=ocp.args.StandardSave(state.to_save()))
             if preempted:
                 logging.warning('SIGTERM: saved step %d to %s; rerun the same command to resume.', step,
                                 manager.directory)
                 break
         if start_step == total_steps:  # a finished workdir: report its result instead of nothing
-            eval_metrics = evaluate(eval_step, state.ema_params if use_ema else state.params, config, mesh)
+            eval_metrics = evaluate(eval_step, objective, state, config, mesh, use_ema)
         if step == total_steps and not preempted:
             manager.wait_until_finished()
             _write_done(workdir, step, eval_metrics)
@@ -236,7 +249,9 @@ def _init_from_pretrained(state: TrainState, shardings: TrainState, model, init_
                                          init_from.posemb_resize, init_from.skip, log=logging.info)
     params = jax.device_put(params, shardings.params)
     logging.info('Initialised from %s.', init_from.path)
-    return state.replace(params=params, ema_params=params if state.ema_params is not None else None)
+    # The EMA starts from its own copy: the donated step must not see one buffer twice.
+    ema = jax.tree.map(jnp.copy, params) if state.ema_params is not None else None
+    return state.replace(params=params, ema_params=ema)
 
 
 def _flatten(d: dict[str, Any], prefix: str = '') -> dict[str, Any]:
