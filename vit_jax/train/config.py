@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import types
 import typing
 
 import ml_collections
@@ -30,7 +31,8 @@ MODEL_OVERRIDE_FIELDS = [f.name for f in dataclasses.fields(VisionTransformer)
 
 def _override_type(hint) -> type:
     """The command-line type of a create_model field: ``int | None`` -> int, a dtype (``Any``) -> str."""
-    hint = next((a for a in typing.get_args(hint) if a is not type(None)), hint)  # Optional[X] -> X
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # Optional[X] -> X (not tuple[int, ...] -> int)
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
     hint = typing.get_origin(hint) or hint  # tuple[int, ...] -> tuple
     return hint if hint in (int, float, bool, str, tuple) else str
 
@@ -92,7 +94,8 @@ def base_config() -> ml_collections.ConfigDict:
         schedule_epoch_lag=0,    # timm_cosine: epoch e runs at epoch e - lag's rate (DeiT's main.py: 1)
         cosine_epochs=0,         # timm_cosine: timm's t_initial (epochs after it stay at end_learning_rate)
         b1=0.9, b2=0.999, eps=1e-8,
-        mu_dtype='',             # Adam's first moment dtype ('bfloat16' in big_vision); '' = the params'
+        mu_dtype='',             # Adam's first moment / SGD's momentum dtype ('bfloat16': big_vision,
+                                 # vision_transformer's fine-tuning); '' = the params'
         momentum=0.9, nesterov=False,  # sgd
         weight_decay=0.0,        # on kernels only (vit_jax.train.optim.decays)
         weight_decay_mode='lr',  # 'lr': p -= lr(t) w p (AdamW, flax.optim.Adam) | 'schedule': p -= lr(t)/peak w p
@@ -124,73 +127,105 @@ IMAGENET_TRAIN_EXAMPLES = 1_281_167
 
 def deit_recipe(c: ml_collections.ConfigDict, epochs: int = 300, batch_size: int = 1024,
                 warmup_epochs: int = 5) -> ml_collections.ConfigDict:
-    """DeiT's ImageNet-1k recipe (Touvron et al. 2021, table 9), without distillation; T2T-ViT reuses it.
+    """DeiT's ImageNet-1k recipe: facebookresearch/deit ``main.py``'s defaults (on timm 0.3.2), without distillation.
 
-    AdamW lr 5e-4 x batch / 512, wd 0.05 (not on biases, norms, position embeddings, tokens), warmup then cosine to
-    1e-5, label smoothing 0.1, RandAugment (2, 9, mstd 0.5), mixup 0.8 / cutmix 1.0, random erasing 0.25, stochastic
-    depth 0.1, no dropout, no clipping; ImageNet mean/std normalisation, bicubic resizes, eval crop 0.875.
-    Not ported: repeated augmentation (x3).
+    Each value names its main.py flag; tests/test_recipes.py locks them and ``python -m vit_jax.recipes`` lists
+    what still differs from the source.
     """
-    steps_per_epoch = IMAGENET_TRAIN_EXAMPLES // batch_size
+    steps_per_epoch = IMAGENET_TRAIN_EXAMPLES // batch_size  # DataLoader(drop_last=True); RASampler: N // 256 * 256
     c.dataset = 'imagenet2012'
     c.train_split, c.eval_split = 'train', 'validation'
-    c.image_size = 224
-    c.batch_size = batch_size
+    c.image_size = 224  # --input-size
+    c.batch_size = batch_size  # paper table 9: 1024 (--batch-size 64 per GPU x 16)
     c.eval_batch_size = 1000
-    c.augment.update(crop='inception', crop_scale=(0.08, 1.0), flip=True, interpolation='bicubic',
-                     randaugment_num_layers=2, randaugment_magnitude=9, randaugment_magnitude_std=0.5,
-                     random_erasing=0.25, mixup_alpha=0.8, cutmix_alpha=1.0, mixup_switch_prob=0.5,
-                     label_smoothing=0.1, crop_pct=0.875, normalization='imagenet')
-    c.model.update(dropout_rate=0.0, drop_path_rate=0.1)
-    c.optimizer.update(name='adamw', learning_rate=5e-4 * batch_size / 512, weight_decay=0.05, b1=0.9, b2=0.999,
-                       eps=1e-8, warmup_steps=warmup_epochs * steps_per_epoch, schedule='cosine',
-                       end_learning_rate=1e-5, grad_clip_norm=0.0)
-    c.total_steps = epochs * steps_per_epoch
+    c.augment.update(
+        crop='inception', crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), flip=True,  # timm create_transform
+        interpolation='bicubic', antialias=True, jpeg_dct_method='INTEGER_ACCURATE',  # --train-interpolation; PIL
+        randaugment_ops='timm_increasing', randaugment_num_layers=2, randaugment_magnitude=9,
+        randaugment_magnitude_std=0.5,  # --aa rand-m9-mstd0.5-inc1
+        random_erasing=0.25,  # --reprob 0.25 --remode pixel --recount 1
+        mixup_alpha=0.8, cutmix_alpha=1.0, mixup_prob=1.0, mixup_switch_prob=0.5,  # --mixup --cutmix ...
+        label_smoothing=0.1,  # --smoothing
+        repeated_augmentation=3,  # --repeated-aug (on by default): samplers.py RASampler, 3 copies
+        normalization='imagenet',  # IMAGENET_DEFAULT_MEAN / STD
+        eval_resize='timm', eval_interpolation='', crop_pct=0.875)  # datasets.py: Resize(int(256 / 224 * 224), 3)
+    c.model.update(dropout_rate=0.0, drop_path_rate=0.1)  # --drop 0.0 --drop-path 0.1
+    c.optimizer.update(
+        name='adamw', learning_rate=5e-4 * batch_size / 512,  # --lr 5e-4, main.py: linear_scaled_lr
+        b1=0.9, b2=0.999, eps=1e-8,  # torch AdamW's betas, --opt-eps 1e-8
+        weight_decay=0.05, weight_decay_mode='lr',  # --weight-decay 0.05, torch.optim.AdamW: p *= 1 - lr * wd
+        schedule='timm_cosine', warmup_steps=warmup_epochs * steps_per_epoch,  # --sched cosine --warmup-epochs 5
+        warmup_init_learning_rate=1e-6, end_learning_rate=1e-5,  # --warmup-lr 1e-6 --min-lr 1e-5
+        schedule_epoch_steps=steps_per_epoch, cosine_epochs=epochs,  # timm: t_initial=epochs, t_in_epochs
+        schedule_epoch_lag=1,  # main.py: lr_scheduler.step(epoch) after epoch e sets the rate of epoch e + 1
+        grad_clip_norm=0.0, mu_dtype='')  # --clip-grad None
+    c.total_steps = epochs * steps_per_epoch  # --epochs 300 (main.py never runs the --cooldown-epochs)
     c.eval_every = steps_per_epoch * 5
     c.checkpoint_every = steps_per_epoch
     return c
 
 
-def big_vision_i1k_recipe(c: ml_collections.ConfigDict, epochs: int = 90) -> ml_collections.ConfigDict:
-    """big_vision's ImageNet-1k ViT baseline (``configs/vit_i1k.py``, Beyer et al. 2022 "Better plain ViT baselines").
+BIG_VISION_I1K_TRAIN = 1_268_355  # train[:99%] of ImageNet-1k's 1,281,167 (TFDS rounds the 99 % boundary)
 
-    Batch 1024, Adam(W) lr 1e-3, decoupled wd 1e-4, 10k warmup then cosine, clip 1.0, inception crop, flip,
-    RandAugment (2, 10), mixup 0.2; global average pooling, fixed sincos2d position embedding, no class token.
+
+def big_vision_i1k_recipe(c: ml_collections.ConfigDict, epochs: int = 90) -> ml_collections.ConfigDict:
+    """big_vision ``configs/vit_s16_i1k.py`` (Beyer et al. 2022, "Better plain ViT baselines"), value by value.
+
+    The model's ``rep_size=True`` (a pre-logits layer of the model's width) is set by each config file.
     """
     c.dataset = 'imagenet2012'
-    c.train_split, c.eval_split = 'train[:99%]', 'train[99%:]'  # big_vision holds out 1% of train as minival
+    c.train_split, c.eval_split = 'train[:99%]', 'validation'  # config.train_split; config.evals.val
     c.image_size = 224
-    c.batch_size = 1024
+    c.batch_size = 1024  # config.batch_size
     c.eval_batch_size = 1000
-    c.augment.update(crop='inception', crop_scale=(0.05, 1.0), flip=True, randaugment_num_layers=2,
-                     randaugment_magnitude=10, randaugment_magnitude_std=0.0, mixup_alpha=0.2, cutmix_alpha=0.0,
-                     crop_pct=0.875, normalization='inception')
-    c.model.update(classifier='gap', posemb='sincos2d')
-    c.optimizer.update(name='adamw', learning_rate=1e-3, weight_decay=1e-4, warmup_steps=10_000, schedule='cosine',
-                       grad_clip_norm=1.0)
-    c.total_steps = epochs * (IMAGENET_TRAIN_EXAMPLES * 99 // 100) // c.batch_size
-    c.eval_every = 5000
-    c.checkpoint_every = 2500
+    c.shuffle_buffer = 250_000  # config.shuffle_buffer_size
+    c.augment.update(
+        crop='inception', crop_scale=(0.05, 1.0), crop_ratio=(0.75, 1.33),  # decode_jpeg_and_inception_crop(224)
+        flip=True, interpolation='bilinear', antialias=False, jpeg_dct_method='',  # |flip_lr; its resize defaults
+        randaugment_ops='big_vision', randaugment_num_layers=2, randaugment_magnitude=10,
+        randaugment_magnitude_std=0.0,  # |randaug(2,10)
+        random_erasing=0.0, label_smoothing=0.0, repeated_augmentation=1,
+        mixup_alpha=0.2, cutmix_alpha=0.0, mixup_prob=1.0,  # config.mixup = dict(p=0.2): Beta(0.2, 0.2) every batch
+        normalization='inception',  # |value_range(-1, 1)
+        eval_resize='big_vision', eval_interpolation='area', crop_pct=224 / 256)  # resize_small(256)|central_crop(224)
+    c.model.update(classifier='gap', posemb='sincos2d', dropout_rate=0.0, drop_path_rate=0.0)  # config.model
+    c.optimizer.update(
+        name='adam', b1=0.9, b2=0.999, eps=1e-8, mu_dtype='bfloat16',  # optax_name='scale_by_adam', mu_dtype
+        learning_rate=1e-3, weight_decay=1e-4, weight_decay_mode='schedule',  # config.lr, config.wd (optax.py::make)
+        warmup_steps=10_000, schedule='cosine', end_learning_rate=0.0, warmup_init_learning_rate=0.0,
+        grad_clip_norm=1.0)  # config.schedule = dict(warmup_steps=10_000, decay_type='cosine'); config.grad_clip_norm
+    c.total_steps = round(epochs * BIG_VISION_I1K_TRAIN / c.batch_size)  # big_vision utils.steps: 111,476
+    c.eval_every = 2500  # config.evals log_steps
+    c.checkpoint_every = 1000  # config.checkpoint_steps
     return c
 
 
 def vit_pretrain_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """ViT paper pretraining on ImageNet-21k (section 4.1, table 3; B/16 and the R50 hybrid).
+    """ViT paper pretraining on ImageNet-21k (Dosovitskiy et al. 2021, section 4.1, table 3, appendix B.1).
 
-    Adam (b1 0.9, b2 0.999), lr 1e-3, weight decay 0.1, batch 4096, 10k warmup steps then linear decay, 90 epochs,
-    dropout 0.1, global-norm clip 1.0, a pre-logits layer of the model width (dropped when fine-tuning), 224 px.
+    The paper's code (Flax's pre-optax ``flax.optim.Adam``) decays ``learning_rate * weight_decay * param`` per step:
+    table 3's ImageNet-21k weight decay 0.03 (0.1 is the JFT rows') gives 1e-3 x 0.03 = 3e-5 of each kernel per
+    step at the peak. The pre-logits layer (of the model's width) is set by each config file.
     """
     c.dataset = 'imagenet21k'
     c.train_split, c.eval_split = 'full[51200:]', 'full[:51200]'  # big_vision's held-out 50 x 1024 images
     c.image_size = 224
-    c.batch_size = 4096
+    c.batch_size = 4096  # table 3
     c.eval_batch_size = 4096
     c.shuffle_buffer = 250_000
-    c.augment.update(crop='inception', flip=True, crop_pct=0.875, normalization='inception')
-    c.model.update(dropout_rate=0.1)
-    c.optimizer.update(name='adam', learning_rate=1e-3, weight_decay=0.1, warmup_steps=10_000, schedule='linear',
-                       end_learning_rate=1e-5, grad_clip_norm=1.0)
-    c.num_epochs = 90
+    c.augment.update(
+        crop='inception', crop_scale=(0.05, 1.0), crop_ratio=(0.75, 1.33), flip=True,  # vision_transformer
+        interpolation='bilinear', antialias=False, jpeg_dct_method='',  # input_pipeline.py (train)
+        randaugment_magnitude=0, random_erasing=0.0, mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.0,
+        repeated_augmentation=1, normalization='inception',  # (im - 127.5) / 127.5
+        eval_resize='square', eval_interpolation='', crop_pct=1.0)  # input_pipeline.py: resize to the crop size
+    c.model.update(dropout_rate=0.1, drop_path_rate=0.0)  # table 3: dropout 0.1 (ImageNet-21k)
+    c.optimizer.update(
+        name='adam', b1=0.9, b2=0.999, eps=1e-8, mu_dtype='',  # section 4.1: Adam, beta1 0.9, beta2 0.999
+        learning_rate=1e-3, weight_decay=0.03, weight_decay_mode='lr',  # table 3 (ImageNet-21k); flax.optim.Adam
+        warmup_steps=10_000, schedule='linear', end_learning_rate=1e-5, warmup_init_learning_rate=0.0,  # B.1;
+        grad_clip_norm=1.0)  # vision_transformer utils.create_learning_rate_schedule(linear_end=1e-5); B.1: clip 1
+    c.num_epochs = 90  # table 3 / section 4.1: ImageNet-21k for 90 epochs
     c.log_every = 100
     c.eval_every = 10_000
     c.checkpoint_every = 2_000
