@@ -27,9 +27,20 @@ The config fields it reads:
 Importing this package hides any GPU from TensorFlow, which only feeds JAX.
 """
 
+from typing import Any
+
 from vit_jax.data.config import default_augment_config
-from vit_jax.data.pipeline import eval_iterator, steps_per_epoch, train_iterator
-from vit_jax.data.sources import DatasetInfo, dataset_info
 
 __all__ = ['DatasetInfo', 'dataset_info', 'default_augment_config', 'eval_iterator', 'steps_per_epoch',
            'train_iterator']
+
+# TensorFlow (~5 s to import) loads only when data are read, so that configs and CLI errors come first.
+_LAZY = {'eval_iterator': 'pipeline', 'steps_per_epoch': 'pipeline', 'train_iterator': 'pipeline',
+         'DatasetInfo': 'sources', 'dataset_info': 'sources'}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f'vit_jax.data.{_LAZY[name]}'), name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
