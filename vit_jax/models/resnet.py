@@ -45,9 +45,20 @@ def _conv(features: int, kernel: int, strides: int, name: str, dtype: Dtype, par
                                                             (None, None, 'conv_in', 'conv_out')))
 
 
+GROUPS = 32  # GroupNorm's groups, as the original
+
+
+def check_width(width: float) -> None:
+    """Raises ValueError unless GroupNorm's groups divide the channels: every one is a multiple of the root's."""
+    channels = int(64 * width)
+    if channels <= 0 or channels % GROUPS:
+        raise ValueError(f'resnet_width={width!r} gives the ResNet {channels} root channels (64 x resnet_width), which '
+                         f"GroupNorm's {GROUPS} groups do not divide: use a multiple of 0.5 (0.5, 1, 1.5, 2, 3, 4).")
+
+
 def _group_norm(name: str, dtype: Dtype, param_dtype: Dtype, zero_scale: bool = False) -> nn.GroupNorm:
     scale_init = nn.initializers.zeros if zero_scale else nn.initializers.ones
-    return nn.GroupNorm(num_groups=32, epsilon=1e-6, name=name, dtype=dtype, param_dtype=param_dtype,
+    return nn.GroupNorm(num_groups=GROUPS, epsilon=1e-6, name=name, dtype=dtype, param_dtype=param_dtype,
                         scale_init=nn.with_logical_partitioning(scale_init, ('conv_out',)),
                         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('conv_out',)))
 
@@ -133,6 +144,7 @@ class ResNet(nn.Module):
     def __post_init__(self):
         if not self.resnet_layers or not all(int(n) > 0 for n in self.resnet_layers):
             raise ValueError(f'resnet_layers={self.resnet_layers} must be positive block counts, e.g. (3, 4, 6, 3).')
+        check_width(self.resnet_width)
         for field in ('dtype', 'param_dtype'):
             if jnp.dtype(getattr(self, field)).name not in ('float32', 'bfloat16', 'float16'):
                 raise ValueError(f'{field}={getattr(self, field)!r} is not one of (float32, bfloat16, float16).')

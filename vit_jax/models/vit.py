@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax.models.encoder import Encoder, dense_bias_init, dense_kernel_init
-from vit_jax.models.resnet import ResNetStem
+from vit_jax.models.resnet import ResNetStem, check_width
 from vit_jax.models.t2t import TokensToToken, sinusoid_table
 
 CLASSIFIERS = ('token', 'gap', 'unpooled', 'token_unpooled')
@@ -302,6 +302,8 @@ def validate(m: VisionTransformer) -> None:
                              f'multiple of {stride} (e.g. {max(stride, m.image_size // stride * stride)}).')
     if m.stem == 'resnet' and not all(int(n) > 0 for n in m.resnet_layers):
         raise ValueError(f'resnet_layers={m.resnet_layers} must be positive block counts, e.g. (3, 4, 9).')
+    if m.stem == 'resnet':
+        check_width(m.resnet_width)
     if m.distilled and m.classifier != 'token':
         raise ValueError(f'classifier={m.classifier!r}: a distilled model needs classifier="token" (DeiT).')
     if m.posemb == 'sincos2d' and m.hidden_size % 4:

@@ -91,6 +91,8 @@ def validate_config(config: ml_collections.ConfigDict, total_steps: int | None =
     for field in ('data', 'fsdp', 'tensor'):
         _check(config, f'mesh.{field}', lambda v: isinstance(v, int) and (v == -1 or v >= 1),
                '-1 (the remaining devices) or >= 1')
+    _check(config, 'model.resnet_layers', lambda v: v is None or (len(v) > 0 and all(
+        isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in v)), 'positive block counts, e.g. (3, 4, 9)')
     _check(config, 'init_from.posemb_resize', lambda v: v in ('bilinear', 'bicubic'), "'bilinear' or 'bicubic'")
     _interval(config, 'distillation.alpha', 0.0, 1.0, hint=" (the distillation loss's weight)")
     _above(config, 'distillation.tau', 0, ' (the softmax temperature)')
