@@ -1,11 +1,11 @@
-"""DeiT-B on ImageNet-1k, DeiT's recipe without distillation (Touvron et al. 2021, table 9).
+"""DeiT-B on ImageNet-1k: facebookresearch/deit ``main.py``'s defaults (Touvron et al. 2021, table 9), without
+distillation (vit_jax.train.config.deit_recipe cites each value).
 
-    python -m vit_jax.main --config configs/deit_b16.py --workdir workdirs/deit_b16
+    python -m vit_jax.main --config configs/deit_b16.py --workdir workdirs/deit_b16 --config.data_dir=DATA_DIR
 
 Dataset: ``imagenet2012`` prepared with TFDS (see configs/vit_s16.py).
-Recipe: 300 epochs, batch 1024, AdamW lr 1e-3 (5e-4 x 1024/512), wd 0.05, 5 warmup epochs, cosine to 1e-5, label
-smoothing 0.1, RandAugment (2, 9, mstd 0.5), mixup 0.8 / cutmix 1.0, random erasing 0.25, stochastic depth 0.1.
-Expected: 81.8% top-1 (paper), ~3 days on 8 V100 (DeiT paper: 53 h for DeiT-B on 8 V100).
+Expected (the source's published number, DeiT paper table 7 / README): 81.8% top-1; the paper: 53 h on 8 V100s
+(16 GPUs in the README's command). Not reproduced here. Differences from the source: ``python -m vit_jax.recipes``.
 """
 
 from vit_jax.train.config import base_config, deit_recipe

@@ -83,11 +83,17 @@ def train_iterator(config: ml_collections.ConfigDict, *, seed: int, start_step: 
     epoch_length = steps * local_batch  # this host's examples per epoch; every host has at least that many
     start_epoch, start_batch = divmod(start_step, steps)
     records = sources.host_records(builder, config.train_split, process_index, process_count)
+    repeats = int(augment.get('repeated_augmentation', 1))
 
     def epoch_records(epoch: tf.Tensor) -> tf.data.Dataset:
         shuffle_seed = tf.random.stateless_uniform([], _key(seed, SHUFFLE, epoch), minval=None, maxval=None,
                                                    dtype=tf.int64)
         ds = records.shuffle(config.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
+        if repeats > 1:
+            # DeiT's samplers.py::RASampler: an epoch is its first ~1/repeats shuffled examples, each `repeats` times
+            # in a row (in one global batch), every copy augmented with its own key (its own position).
+            ds = ds.take(-(-epoch_length // repeats)).flat_map(
+                lambda encoded, label: tf.data.Dataset.from_tensors((encoded, label)).repeat(repeats))
         ds = ds.take(epoch_length).enumerate()
         ds = ds.skip(tf.where(epoch == start_epoch, tf.constant(start_batch * local_batch, tf.int64), 0))
         return ds.map(lambda position, record: (epoch, position, *record))

@@ -19,17 +19,19 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 RATIO_RANGE = (3 / 4, 4 / 3)  # the aspect ratios of the inception crop (Szegedy et al. 2015; timm, big_vision)
 
 
-def _decode(encoded: tf.Tensor, window_fn=None) -> tf.Tensor:
+def _decode(encoded: tf.Tensor, window_fn=None, dct_method: str = '') -> tf.Tensor:
     """uint8 (h, w, 3) of a JPEG / PNG / ..., cropped to ``window_fn(shape) -> (top, left, height, width)``.
 
     JPEGs are decoded inside the window only (``decode_and_crop_jpeg``, as big_vision does): an inception crop keeps
-    8..100 % of the image, so this skips much of the decoding work on ImageNet.
+    8..100 % of the image, so this skips much of the decoding work on ImageNet. ``dct_method='INTEGER_ACCURATE'``
+    decodes as libjpeg's default ISLOW, which PIL uses: the same pixels as DeiT's / timm's loader (big_vision's
+    ``decode(precise=True)``); TF's default fast DCT differs from it by ~1/255 on average.
     """
     def jpeg() -> tf.Tensor:
         if window_fn is None:
-            return tf.io.decode_jpeg(encoded, channels=3)
+            return tf.io.decode_jpeg(encoded, channels=3, dct_method=dct_method)
         window = window_fn(tf.io.extract_jpeg_shape(encoded))
-        return tf.io.decode_and_crop_jpeg(encoded, tf.stack(window), channels=3)
+        return tf.io.decode_and_crop_jpeg(encoded, tf.stack(window), channels=3, dct_method=dct_method)
 
     def other() -> tf.Tensor:
         image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
@@ -43,15 +45,16 @@ def _decode(encoded: tf.Tensor, window_fn=None) -> tf.Tensor:
     return image
 
 
-def _resize(image: tf.Tensor, size: tuple, method: str) -> tf.Tensor:
-    # float32 in [0, 255]; bicubic overshoots, hence the clip.
-    return tf.clip_by_value(tf.image.resize(image, size, method=method), 0.0, 255.0)
+def _resize(image: tf.Tensor, size, method: str, antialias: bool = False) -> tf.Tensor:
+    """float32 in [0, 255]; bicubic overshoots, hence the clip. ``antialias``: PIL's resize (timm, DeiT, T2T)
+    widens the kernel when it downsamples; TF's resize does that only when asked (big_vision's ``antialias``)."""
+    return tf.clip_by_value(tf.image.resize(image, size, method=method, antialias=antialias), 0.0, 255.0)
 
 
-def _inception_window(shape: tf.Tensor, key: tf.Tensor, scale: tuple) -> tuple:
+def _inception_window(shape: tf.Tensor, key: tf.Tensor, scale: tuple, ratio: tuple = RATIO_RANGE) -> tuple:
     """timm's RandomResizedCrop window, drawn by TF's (stateless) sampler as big_vision's ``inception_crop`` does."""
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        shape, bounding_boxes=tf.zeros([1, 0, 4]), seed=key, min_object_covered=0.0, aspect_ratio_range=RATIO_RANGE,
+        shape, bounding_boxes=tf.zeros([1, 0, 4]), seed=key, min_object_covered=0.0, aspect_ratio_range=tuple(ratio),
         area_range=tuple(scale), use_image_if_no_bounding_boxes=True)
     return begin[0], begin[1], size[0], size[1]
 
@@ -66,15 +69,25 @@ def normalize(image: tf.Tensor, normalization: str) -> tf.Tensor:
 def train_image(encoded: tf.Tensor, key: tf.Tensor, augment: ml_collections.ConfigDict, size: int) -> tf.Tensor:
     """timm's training transform (DeiT): crop -> flip -> RandAugment -> normalise -> random erasing; float32."""
     crop_key, flip_key, randaugment_key, erasing_key = tf.unstack(tf.random.experimental.stateless_split(key, 4))
-    method = augment.get('interpolation', 'bilinear')
+    method, antialias = augment.get('interpolation', 'bilinear'), augment.get('antialias', False)
+    dct_method = augment.get('jpeg_dct_method', '')
+    if method == 'random':  # timm's RandomResizedCropAndInterpolation('random'): bilinear or bicubic per image
+        method_key = tf.random.experimental.stateless_fold_in(crop_key, 1)
+        bicubic = tf.random.stateless_uniform([], method_key) < 0.5
+        resize = lambda image, shape, _, aa: tf.cond(  # noqa: E731
+            bicubic, lambda: _resize(image, shape, 'bicubic', aa), lambda: _resize(image, shape, 'bilinear', aa))
+    else:
+        resize = _resize
     if augment.crop == 'inception':
-        image = _decode(encoded, lambda shape: _inception_window(shape, crop_key, augment.crop_scale))
-        image = _resize(image, (size, size), method)
+        ratio = augment.get('crop_ratio', RATIO_RANGE)
+        image = _decode(encoded, lambda shape: _inception_window(shape, crop_key, augment.crop_scale, ratio),
+                        dct_method)
+        image = resize(image, (size, size), method, antialias)
     elif augment.crop == 'resize':
-        image = _resize(_decode(encoded), (size, size), method)
+        image = resize(_decode(encoded, dct_method=dct_method), (size, size), method, antialias)
     else:  # 'random_crop_pad': torchvision's RandomCrop(padding=4) of the CIFAR ResNets, 4 px at 32 px
         pad = max(size // 8, 1)
-        image = _resize(_decode(encoded), (size, size), method)
+        image = resize(_decode(encoded, dct_method=dct_method), (size, size), method, antialias)
         image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
         image = tf.image.stateless_random_crop(image, [size, size, 3], seed=crop_key)
     if augment.flip:
@@ -85,7 +98,7 @@ def train_image(encoded: tf.Tensor, key: tf.Tensor, augment: ml_collections.Conf
         image = randaugment.randaugment(
             tf.cast(tf.round(image), tf.uint8), randaugment_key, num_layers=augment.randaugment_num_layers,
             magnitude=augment.randaugment_magnitude, magnitude_std=augment.randaugment_magnitude_std,
-            fill=[round(255 * m) for m in mean])
+            fill=[round(255 * m) for m in mean], ops=augment.get('randaugment_ops', 'timm_increasing'))
         image = tf.cast(image, tf.float32)
     image = normalize(image, augment.normalization)
     if augment.random_erasing > 0:
@@ -94,21 +107,41 @@ def train_image(encoded: tf.Tensor, key: tf.Tensor, augment: ml_collections.Conf
 
 
 def eval_image(encoded: tf.Tensor, augment: ml_collections.ConfigDict, size: int) -> tf.Tensor:
-    """timm's eval transform: resize to floor(size / crop_pct), center crop ``size``, normalise; float32.
+    """The evaluation image of ``augment.eval_resize``'s source, normalised; float32 (size, size, 3).
 
-    The resize keeps the aspect ratio (shorter side), except with ``crop='resize'``, whose training squashes the
-    image to a square, as vision_transformer's evaluation does (there ``crop_pct=1`` gives its plain resize).
+    'timm'        DeiT / T2T / timm: torchvision ``Resize(floor(size / crop_pct))`` on the PIL image (the shorter
+                  side to that size, the longer to ``int(short * long / short_side)``), as uint8 like PIL, then
+                  ``CenterCrop(size)`` at offsets ``int(round((h - size) / 2))``. With ``antialias`` and bicubic
+                  interpolation this is PIL's resize within ~0.3/255 (tests/test_data.py).
+    'big_vision'  ``decode|resize_small(floor(size / crop_pct))|central_crop(size)``: both sides scaled by the same
+                  factor and rounded (pp/ops_image.py::_resize_factor), back to uint8 (a truncating cast), offsets
+                  ``(h - size) // 2``.
+    'square'      vision_transformer's evaluation (input_pipeline.py): ``tf.image.resize`` straight to (size, size).
     """
-    image = _decode(encoded)
+    mode = augment.get('eval_resize', 'timm')
+    method = augment.get('eval_interpolation') or augment.get('interpolation', 'bilinear')
+    method = 'bicubic' if method == 'random' else method  # timm evaluates 'random' models bicubic
+    antialias = augment.get('antialias', False)
+    image = _decode(encoded, dct_method=augment.get('jpeg_dct_method', ''))
+    if mode == 'square':
+        return normalize(_resize(image, (size, size), method, antialias), augment.normalization)
     scaled = math.floor(size / augment.crop_pct)
-    method = augment.get('interpolation', 'bilinear')
-    if augment.crop == 'resize':
-        image = _resize(image, (scaled, scaled), method)
+    shape = tf.cast(tf.shape(image)[:2], tf.int64)
+    short = tf.reduce_min(shape)
+    if mode == 'big_vision':
+        factor = tf.cast(scaled, tf.float32) / tf.cast(short, tf.float32)
+        new_shape = tf.cast(tf.round(tf.cast(shape, tf.float32) * factor), tf.int32)
+        image = tf.cast(tf.cast(_resize(image, new_shape, method, antialias), tf.uint8), tf.float32)
+        top, left = (new_shape[0] - size) // 2, (new_shape[1] - size) // 2
     else:
-        shape = tf.cast(tf.shape(image)[:2], tf.float32)
-        new_shape = tf.cast(shape * (scaled / tf.reduce_min(shape)), tf.int32)
-        image = _resize(image, tf.maximum(new_shape, scaled), method)
-    image = tf.image.resize_with_crop_or_pad(image, size, size)
+        # torchvision's _compute_resized_output_size: int(scaled * long / short), exact in integers.
+        new_shape = tf.cast(tf.where(shape == short, tf.constant(scaled, tf.int64), shape * scaled // short), tf.int32)
+        image = tf.round(_resize(image, new_shape, method, antialias))  # PIL returns uint8, rounded
+        # int(round(x)) of Python rounds halves to even, as tf.round does.
+        top = tf.cast(tf.round(tf.cast(new_shape[0] - size, tf.float32) / 2), tf.int32)
+        left = tf.cast(tf.round(tf.cast(new_shape[1] - size, tf.float32) / 2), tf.int32)
+    image = image[top:top + size, left:left + size]
+    image.set_shape([size, size, 3])
     return normalize(image, augment.normalization)
 
 

@@ -132,7 +132,9 @@ def create_optimizer(opt: ml_collections.ConfigDict, total_steps: int) -> tuple[
     if opt.name in ('adam', 'adamw'):
         direction = optax.scale_by_adam(opt.b1, opt.b2, opt.eps, mu_dtype=opt.get('mu_dtype') or None)
     else:
-        direction = optax.trace(decay=opt.momentum, nesterov=opt.nesterov) if opt.momentum else optax.identity()
+        # vision_transformer's fine-tuning keeps the momentum in bfloat16 (configs/common.py optim_dtype).
+        direction = (optax.trace(decay=opt.momentum, nesterov=opt.nesterov, accumulator_dtype=opt.get('mu_dtype') or None)
+                     if opt.momentum else optax.identity())
     decay = optax.add_decayed_weights(opt.weight_decay, mask=weight_decay_mask) if opt.weight_decay else None
 
     chain = []
