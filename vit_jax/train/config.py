@@ -194,7 +194,7 @@ def big_vision_i1k_recipe(c: ml_collections.ConfigDict, epochs: int = 90) -> ml_
         learning_rate=1e-3, weight_decay=1e-4, weight_decay_mode='schedule',  # config.lr, config.wd (optax.py::make)
         warmup_steps=10_000, schedule='cosine', end_learning_rate=0.0, warmup_init_learning_rate=0.0,
         grad_clip_norm=1.0)  # config.schedule = dict(warmup_steps=10_000, decay_type='cosine'); config.grad_clip_norm
-    c.total_steps = round(epochs * BIG_VISION_I1K_TRAIN / c.batch_size)  # big_vision utils.steps: 111,476
+    c.total_steps = round(epochs * BIG_VISION_I1K_TRAIN / c.batch_size)  # big_vision utils.steps: round(), 111,477
     c.eval_every = 2500  # config.evals log_steps
     c.checkpoint_every = 1000  # config.checkpoint_steps
     return c
