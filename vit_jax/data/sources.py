@@ -8,14 +8,26 @@ pipeline decodes each example once, after all three.
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 
 import ml_collections
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 
 from vit_jax.data import digits
 
 FOLDER_PREFIX = 'folder:'
+# Datasets TFDS has no builder for: how to prepare them (imagenet2012's instructions come from its builder).
+PREPARE_HINTS = {
+    'imagenet21k': ('ImageNet-21k (the fall11 or winter21 release from image-net.org) has no TFDS builder: write it as '
+                    'a TFDS dataset with a builder of your own (`tfds new imagenet21k`, as big_vision does), so that '
+                    'its files are in {where}/imagenet21k/<version>/, or use dataset="folder:/path" with '
+                    '/path/<split>/<class>/<image>'),
+}
+_MAX_LISTED = 20  # bad files named in an error or warning
+_CHECKED: dict[str, list[tuple[str, str]]] = {}  # folder root -> its bad files, found once per process
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,14 +42,19 @@ def load_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     """The dataset's TFDS builder, ready to read; ``sklearn_digits`` is prepared on first use."""
     name = config.dataset
     if name.startswith(FOLDER_PREFIX):
-        return _folder_builder(name[len(FOLDER_PREFIX):])
+        return _folder_builder(name[len(FOLDER_PREFIX):], bool(config.get('skip_bad_images', False)),
+                               _split_name(config.get('train_split', 'train')))
     try:
         builder = tfds.builder(name, data_dir=config.data_dir)
     except ValueError as e:  # tfds.core.DatasetNotFoundError, or a name TFDS cannot parse
-        where = config.data_dir or "TFDS's default data_dir"
+        where = os.path.expanduser(config.data_dir or tfds.core.constants.DATA_DIR)
+        source = 'config.data_dir' if config.data_dir else "TFDS's default data_dir"
+        hint = PREPARE_HINTS.get(name, f'prepare it there with its TFDS builder (`tfds build <builder> --data_dir '
+                                       f'{where}`), or point config.data_dir at the folder that holds {name}/')
         raise ValueError(
             f'Unknown dataset {name!r}: it is neither {digits.SklearnDigits.name!r}, nor "{FOLDER_PREFIX}/path", nor '
-            f'a TFDS dataset (registered, or prepared in {where}).') from e
+            f'a registered TFDS dataset, nor prepared in {where} ({source}; looked for {os.path.join(where, name)}). '
+            f'To use it, {hint.format(where=where)}.') from e
     if isinstance(builder, digits.SklearnDigits):
         builder.download_and_prepare()  # a few seconds, once: the data ship with scikit-learn
     elif not builder.is_prepared():
@@ -59,10 +76,77 @@ def _not_prepared_message(builder: tfds.core.DatasetBuilder) -> str:
     return message + '.'
 
 
-def _folder_builder(root: str) -> tfds.core.DatasetBuilder:
+def _split_name(split: str) -> str:
+    """'train[:90%]' -> 'train'."""
+    return re.split(r'[\[+]', split, maxsplit=1)[0].strip()
+
+
+def _folder_builder(root: str, skip_bad_images: bool = False, train_split: str = 'train') -> tfds.core.DatasetBuilder:
+    """``tfds.ImageFolder`` with its files checked once per process: every image must decode (or, with
+    ``skip_bad_images``, those that do not are dropped and listed), and no class folder may be empty."""
     if not tf.io.gfile.isdir(root):
         raise ValueError(f'Folder dataset root {root!r} does not exist: expected {root}/<split>/<class>/<image>.')
-    return tfds.ImageFolder(root)
+    builder = tfds.ImageFolder(root)
+    first_time = root not in _CHECKED
+    if first_time:
+        _check_class_folders(root, builder, train_split)
+        _CHECKED[root] = _undecodable(builder)
+    bad = _CHECKED[root]
+    if bad:
+        listed = '\n'.join(f'  {path}: {reason}' for path, reason in bad[:_MAX_LISTED])
+        more = f'\n  ... and {len(bad) - _MAX_LISTED} more' if len(bad) > _MAX_LISTED else ''
+        if not skip_bad_images:
+            raise ValueError(f'{len(bad)} file(s) of the folder dataset {root} are not images that decode:\n{listed}'
+                             f'{more}\nReplace or remove them, or set config.skip_bad_images=True to train without '
+                             f'them (they are then counted and listed in the log).')
+        if first_time:
+            logging.warning('Skipping %d file(s) of the folder dataset %s that do not decode '
+                            '(config.skip_bad_images):\n%s%s', len(bad), root, listed, more)
+        _drop_examples(builder, {path for path, _ in bad})
+    return builder
+
+
+def _undecodable(builder: tfds.ImageFolder) -> list[tuple[str, str]]:
+    """(path, reason) of every file that does not decode as the pipeline decodes it: read once, at preparation,
+    rather than crashing an epoch with "Invalid JPEG data" and no file name."""
+    bad = []
+    # ImageFolder keeps its file list in _split_examples (tfds 4.9); there is no public accessor.
+    for examples in builder._split_examples.values():
+        for example in examples:
+            try:
+                tf.io.decode_image(tf.io.read_file(example.image_path), channels=3, expand_animations=False)
+            except (tf.errors.OpError, ValueError) as e:
+                reason = getattr(e, 'message', str(e)).strip().splitlines()
+                bad.append((example.image_path, reason[0] if reason else type(e).__name__))
+    return sorted(bad)
+
+
+def _drop_examples(builder: tfds.ImageFolder, paths: set[str]) -> None:
+    builder._split_examples = {split: [e for e in examples if e.image_path not in paths]
+                               for split, examples in builder._split_examples.items()}
+    builder.info.set_splits(tfds.core.SplitDict([
+        tfds.core.SplitInfo(name=split, shard_lengths=[len(examples)], num_bytes=0)
+        for split, examples in builder._split_examples.items()]))
+
+
+def _check_class_folders(root: str, builder: tfds.ImageFolder, train_split: str) -> None:
+    """An empty class folder would silently become a class without examples: an error in the training split (the
+    model would learn a class it never sees), a warning elsewhere."""
+    for split in sorted(builder._split_examples):
+        counts = {}
+        for example in builder._split_examples[split]:
+            counts[example.label] = counts.get(example.label, 0) + 1
+        split_dir = os.path.join(root, split)
+        empty = sorted(os.path.join(split_dir, d) for d in tf.io.gfile.listdir(split_dir)
+                       if tf.io.gfile.isdir(os.path.join(split_dir, d)) and not counts.get(d.rstrip('/')))
+        if not empty:
+            continue
+        what = (f'{len(empty)} class folder(s) of the folder dataset {root} hold no images (.jpg, .jpeg, .png): '
+                f'{", ".join(empty)}')
+        if split == train_split:
+            raise ValueError(f'{what}. The model would have a class it never sees in training: add its images, or '
+                             f'remove the folder from every split.')
+        logging.warning('%s. Their classes are not evaluated in split %r.', what, split)
 
 
 def num_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:

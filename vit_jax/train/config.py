@@ -60,6 +60,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.batch_size = 512
     c.eval_batch_size = 512
     c.shuffle_buffer = 50_000
+    # Folder datasets: a file that does not decode fails the run at dataset preparation, naming it; True skips such
+    # files instead (counted and listed in the log).
+    c.skip_bad_images = False
     c.augment = default_augment_config()
 
     c.objective = 'supervised'   # 'supervised' | 'distillation' (see vit_jax.objectives)
