@@ -70,10 +70,6 @@ def rollout_maps(attentions: np.ndarray, model, head_fusion: str, discard_ratio:
 
 def single_head_maps(attentions: np.ndarray, model, layer: int, head: int) -> np.ndarray:
     """(L, B, H, N, N) -> (B, g, g): block ``layer``'s head ``head``, the class token's row (gap: patch rows' mean)."""
-    layers, _, heads = attentions.shape[:3]
-    if not (0 <= layer < layers and 0 <= head < heads):
-        raise ValueError(f'--layer {layer} --head {head}: the model has blocks 0..{layers - 1} and heads '
-                         f'0..{heads - 1}.')
     a = attentions[layer][:, head][:, None]  # (B, 1, N, N): one "layer" of one head, no identity added
     return rollout.token_map(a[:, 0], model.num_prefix_tokens, model.grid_size)
 
@@ -85,7 +81,13 @@ def analyze(loaded, out: str, image_files: list[str] = (), num_images: int = 128
     """Writes the figures and analysis.json into ``out``; returns the JSON's content."""
     from vit_jax.analysis import plotting
     from vit_jax.analysis.loading import ImageError, load_image
-    model, params = attention_lib.require_transformer(loaded.model), loaded.params
+    from flax.core import meta
+    model, params = attention_lib.require_transformer(loaded.model), meta.unbox(loaded.params)
+    if layer is not None or head is not None:  # checked before minutes of work
+        layer, head = layer or 0, head or 0
+        if not (0 <= layer < model.num_layers and 0 <= head < model.num_heads):
+            raise ValueError(f'--layer {layer} --head {head}: the model has blocks 0..{model.num_layers - 1} and '
+                             f'heads 0..{model.num_heads - 1}.')
     os.makedirs(out, exist_ok=True)
     name = loaded.config.model_name if loaded.config is not None else loaded.source.get('model', '')
     report = {'source': loaded.source, 'model': name, 'image_size': model.image_size, 'grid': model.grid_size,
@@ -115,11 +117,11 @@ def analyze(loaded, out: str, image_files: list[str] = (), num_images: int = 128
 
     # Attention rollout (figure 6) and one block's head.
     if shown:
-        from vit_jax.predict import probabilities
         images = np.stack(shown)
-        attentions = attention_lib.encoder_attention(model, params, images)
+        attentions, logits = attention_lib.encoder_attention(model, params, images, with_outputs=True)
         if model.num_classes and model.classifier in ('token', 'gap'):
-            probs = probabilities(model, params, images)
+            probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+            probs = probs / probs.sum(axis=-1, keepdims=True)
             titles = [f'{t}\npred {loaded.class_name(int(p.argmax()))} ({p.max():.2f})'
                       for t, p in zip(titles, probs)]
         display = [plotting.display_image(x, loaded.augment.normalization) for x in images]
@@ -130,8 +132,7 @@ def analyze(loaded, out: str, image_files: list[str] = (), num_images: int = 128
         report['attention_rollout'] = {'head_fusion': head_fusion, 'discard_ratio': discard_ratio, 'token': token,
                                        'images': [t.split('\n')[0] for t in titles],
                                        'maps': np.round(maps, 6).tolist()}
-        if layer is not None or head is not None:
-            layer, head = layer or 0, head or 0
+        if layer is not None:
             single = single_head_maps(attentions, model, layer, head)
             filename = f'attention_layer{layer}_head{head}.png'
             plotting.plot_token_maps(display, single, titles, figure('single_head', filename),

@@ -33,13 +33,18 @@ def pixels_per_token(model: VisionTransformer) -> float:
     return model.image_size / model.grid_size
 
 
-def encoder_attention(model: VisionTransformer, params, images: np.ndarray) -> np.ndarray:
-    """Images (B, S, S, 3) -> every encoder block's attention (L, B, H, N, N), float32, N = prefix + patches."""
-    _, state = _apply_with_attention(model, params, images)
+def encoder_attention(model: VisionTransformer, params, images: np.ndarray, with_outputs: bool = False):
+    """Images (B, S, S, 3) -> every encoder block's attention (L, B, H, N, N), float32, N = prefix + patches.
+
+    ``with_outputs``: also the model's eval outputs (the logits) of the same forward pass.
+    """
+    outputs, state = _apply_with_attention(model, params, images)
     encoder = state['attention_weights']['encoder']
     if 'blocks' in encoder:  # scan_layers: one entry with a leading layer axis
-        return np.asarray(encoder['blocks']['attn']['weights'][0])
-    return np.stack([np.asarray(encoder[f'block_{i}']['attn']['weights'][0]) for i in range(model.num_layers)])
+        maps = np.asarray(encoder['blocks']['attn']['weights'][0])
+    else:
+        maps = np.stack([np.asarray(encoder[f'block_{i}']['attn']['weights'][0]) for i in range(model.num_layers)])
+    return (maps, np.asarray(outputs)) if with_outputs else maps
 
 
 def batched_attention(model: VisionTransformer, params, images: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
