@@ -97,6 +97,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--normalization', choices=('inception', 'imagenet'),
                    help='checkpoint: replaces the family\'s eval normalisation')
     p.add_argument('--crop-pct', type=float, help='checkpoint: replaces the family\'s eval center crop fraction')
+    p.add_argument('--eval-resize', choices=('timm', 'big_vision', 'square'),
+                   help='checkpoint: replaces the family\'s eval resize (see vit_jax.data.preprocess.eval_image)')
     p.add_argument('--step', type=int, help='workdir: the checkpoint step (default: the latest)')
     p.add_argument('--no-ema', action='store_true', help='workdir: use params even where ema_params exist')
     p.add_argument('--data-dir', help='workdir: the TFDS data_dir of its dataset (default the run\'s)')
@@ -114,7 +116,7 @@ def load_model(args: argparse.Namespace, parser: argparse.ArgumentParser):
     overrides = dict(parse_override(o) for o in args.override)
     return loading.from_checkpoint(args.checkpoint, args.model, overrides, args.num_classes, args.image_size,
                                    args.format, args.labels, normalization=args.normalization,
-                                   crop_pct=args.crop_pct)
+                                   crop_pct=args.crop_pct, eval_resize=args.eval_resize)
 
 
 def main(argv: list[str] | None = None) -> int:

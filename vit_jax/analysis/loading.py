@@ -4,12 +4,13 @@
     loaded = from_checkpoint('ViT-B_16.npz', 'vit_b16', {})               # the family's published eval transform
     images = load_images(['cat.jpg'], loaded)                             # exactly the eval preprocessing
 
-Eval transforms of the public checkpoints, by family, written as ``config.augment`` fields so that they go through
-the same ``vit_jax.data.preprocess.eval_image`` as training runs:
+Eval transforms of the public checkpoints, by family: the ``config.augment`` of the recipe that trained them (see
+``vit_jax.train.config``), so that they go through the same ``vit_jax.data.preprocess.eval_image`` as training runs:
 
 - vit, hybrid (google-research/vision_transformer): resize to a square, inception normalisation to [-1, 1];
-- deit (timm): resize the shorter side to 256 bicubic, center crop 224 (crop_pct 0.875), ImageNet mean / std;
-- t2t (T2T-ViT): the same with crop_pct 0.9.
+- deit (timm): resize the shorter side to 256 bicubic (antialiased, like PIL), center crop 224 (crop_pct 0.875),
+  ImageNet mean / std;
+- t2t (T2T-ViT): the same with crop_pct 0.9 (its models' default_cfg, as configs/t2t_vit_14.py).
 """
 
 from __future__ import annotations
@@ -25,13 +26,6 @@ import numpy as np
 
 from vit_jax import models
 
-PUBLIC_EVAL = {
-    'vit': dict(crop='resize', crop_pct=1.0, normalization='inception', interpolation='bilinear'),
-    'hybrid': dict(crop='resize', crop_pct=1.0, normalization='inception', interpolation='bilinear'),
-    'deit': dict(crop='inception', crop_pct=0.875, normalization='imagenet', interpolation='bicubic'),
-    't2t': dict(crop='inception', crop_pct=0.9, normalization='imagenet', interpolation='bicubic'),
-    'resnet': dict(crop='resize', crop_pct=1.0, normalization='inception', interpolation='bilinear'),  # BiT
-}
 IMAGENET21K_CLASSES = 21843  # the fall11 release, as vision_transformer's and timm's "in21k" heads
 
 
@@ -55,10 +49,14 @@ class Loaded:
 
 
 def public_eval_augment(family: str, **overrides) -> ml_collections.ConfigDict:
-    """``config.augment`` with the published eval transform of ``family`` (see the module docstring)."""
-    from vit_jax.data import default_augment_config
-    augment = default_augment_config()
-    augment.update(PUBLIC_EVAL[family])
+    """``config.augment`` with the published eval transform of ``family``; ``overrides`` replace fields where not None."""
+    from vit_jax.train.config import base_config, deit_recipe, vit_pretrain_recipe
+    if family in ('deit', 't2t'):
+        augment = deit_recipe(base_config()).augment
+        if family == 't2t':
+            augment.update(eval_interpolation='bicubic', crop_pct=0.9)
+    else:  # vit, hybrid, and the BiT ResNets of the same code base
+        augment = vit_pretrain_recipe(base_config()).augment
     augment.update({k: v for k, v in overrides.items() if v is not None})
     return augment
 
@@ -80,7 +78,8 @@ def from_checkpoint(path: str, name: str, overrides: dict[str, Any] | None = Non
                     **eval_overrides) -> Loaded:
     """A checkpoint file for registered model ``name``, with its family's published eval transform.
 
-    ``eval_overrides`` (crop, crop_pct, normalization, interpolation) replace the family's where not None.
+    ``eval_overrides`` (``config.augment`` fields: eval_resize, crop_pct, normalization, ...) replace the family's
+    where not None.
     """
     from vit_jax.export.restore import load_checkpoint
     model, params, source = load_checkpoint(path, name, overrides or {}, num_classes, image_size, format)
