@@ -18,6 +18,7 @@ another resolution, a dropped representation layer, and parameters left at init 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import zipfile
@@ -112,41 +113,74 @@ def restore_vit_jax(path: str, step: int | None = None,
 
     Returns (flat parameter names -> host arrays, the step directory, 'ema_params' or 'params'). Only the parameters
     are restored, as numpy, whatever mesh and optimizer the run used; the EMA parameters are taken where the run kept
-    them (they are what it evaluated), unless ``ema=False``. ``step`` defaults to the latest.
+    them (they are what it evaluated), unless ``ema=False``. ``step`` defaults to the newest checkpoint that restores:
+    newer ones that do not are skipped with a warning naming the step and the reason, and left in place.
     """
-    import orbax.checkpoint as ocp
     if os.path.isdir(os.path.join(path, 'checkpoints')):
         path = os.path.join(path, 'checkpoints')
     steps = sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
-    if steps:  # a CheckpointManager directory
-        if step is not None and step not in steps:
+    if not steps:  # one step directory
+        return _restore_step(path, ema)
+    if step is not None:
+        if step not in steps:
             raise CheckpointError(f'{path} has no checkpoint at step {step}; it has {steps}.')
-        path = os.path.join(path, str(steps[-1] if step is None else step))
+        return _restore_step(os.path.join(path, str(step)), ema)
+    failed = []
+    for candidate in reversed(steps):
+        try:
+            restored = _restore_step(os.path.join(path, str(candidate)), ema)
+        except CheckpointError as e:
+            failed.append((candidate, e.reason))
+            continue
+        for bad, reason in failed:
+            logging.getLogger(__name__).warning(
+                'Checkpoint step %d in %s does not restore (%s); using step %d instead. Step %d is left in place.',
+                bad, path, reason, candidate, bad)
+        return restored
+    reasons = '\n'.join(f'  step {s}: {r}' for s, r in failed)
+    raise CheckpointError(f'No checkpoint in {path} restores:\n{reasons}')
+
+
+def _restore_step(path: str, ema: bool) -> tuple[dict[str, np.ndarray], str, str]:
+    import orbax.checkpoint as ocp
+
+    from vit_jax.train.checkpointing import failure_reason, quiet_orbax_failures
     item = os.path.join(os.path.abspath(path), 'default')
     if not os.path.isdir(item):
-        raise CheckpointError(f'{path} is not a vit_jax checkpoint: expected a training workdir, its checkpoints/ '
-                              'directory or one step directory in it.')
+        error = CheckpointError(f'{path} is not a vit_jax checkpoint: expected a training workdir, its checkpoints/ '
+                                'directory or one step directory in it (with a default/ folder).')
+        error.reason = f'no {item} folder'
+        raise error
     try:
-        tree = ocp.StandardCheckpointer().metadata(item).item_metadata
-        key = 'ema_params' if ema and tree.get('ema_params') is not None else 'params'
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree[key])
-        args = ocp.args.PyTreeRestore(item={key: tree[key]}, restore_args={key: restore_args}, partial_restore=True)
-        params = ocp.PyTreeCheckpointer().restore(item, args=args)[key]
+        with quiet_orbax_failures():
+            tree = ocp.StandardCheckpointer().metadata(item).item_metadata
+            key = 'ema_params' if ema and tree.get('ema_params') is not None else 'params'
+            restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree[key])
+            args = ocp.args.PyTreeRestore(item={key: tree[key]}, restore_args={key: restore_args},
+                                          partial_restore=True)
+            params = ocp.PyTreeCheckpointer().restore(item, args=args)[key]
     except Exception as e:  # orbax raises several types for damaged directories
-        raise CheckpointError(f'Cannot restore the orbax checkpoint {path} ({type(e).__name__}: {e}).') from e
+        error = CheckpointError(f'Cannot restore the orbax checkpoint {path} ({failure_reason(e)}).')
+        error.reason = failure_reason(e)
+        raise error from e
     params = unstack_layers(params) if 'blocks' in params.get('encoder', {}) else params
     flat = {'/'.join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
     return flat, path, key
 
 
-def convert_checkpoint(path: str | os.PathLike, model: nn.Module, format: str = 'auto',
-                       trust_pickle: bool = False) -> tuple[dict[str, np.ndarray], list[str], str]:
-    """Reads and renames a checkpoint: (our flat names -> arrays, its keys no rule mapped, a description)."""
+def convert_checkpoint(path: str | os.PathLike, model: nn.Module, format: str = 'auto', trust_pickle: bool = False,
+                       step: int | None = None) -> tuple[dict[str, np.ndarray], list[str], str]:
+    """Reads and renames a checkpoint: (our flat names -> arrays, its keys no rule mapped, a description).
+
+    ``step``: which checkpoint of a vit_jax workdir (default: the newest that restores)."""
     if format not in FORMATS:
         raise ValueError(f'format={format!r} is not one of {FORMATS}.')
     path = os.fspath(path)
     if format == 'vit_jax' or (format == 'auto' and os.path.isdir(path)):
-        return restore_vit_jax(path)[0], [], f'{path} (vit_jax)'
+        flat, step_dir, _ = restore_vit_jax(path, step)
+        return flat, [], f'{step_dir} (vit_jax)'
+    if step is not None:
+        raise ValueError(f'step={step} applies to vit_jax workdirs; {path} is a single checkpoint file.')
     src = Source(read_arrays(path, trust_pickle))
     if format == 'auto':
         format = detect_format(src.keys())
@@ -163,14 +197,14 @@ def convert_checkpoint(path: str | os.PathLike, model: nn.Module, format: str = 
 
 
 def load_params(path: str | os.PathLike, model: nn.Module, format: str = 'auto',
-                trust_pickle: bool = False) -> dict[str, Any]:
+                trust_pickle: bool = False, step: int | None = None) -> dict[str, Any]:
     """Reads and converts the checkpoint at ``path`` into ``model``'s ``params`` tree (numpy arrays), exactly.
 
     Raises CheckpointMismatchError listing every missing and unexpected key and every shape mismatch, and
     CheckpointError for unreadable files or unknown layouts. For fine-tuning (another resolution or class count)
-    use ``load_pretrained``.
+    use ``load_pretrained``. ``step`` picks a checkpoint of a vit_jax workdir (default: the newest that restores).
     """
-    converted, unused, source = convert_checkpoint(path, model, format, trust_pickle)
+    converted, unused, source = convert_checkpoint(path, model, format, trust_pickle, step)
     return fit_to_model(converted, model, source, unused)
 
 

@@ -7,8 +7,10 @@
 Writes OUTDIR/{model_fp32.pt, model_int8_qnnpack.pt, model_int8_qnnpack.ptl, state_dict.safetensors,
 export_report.json} and prints the report as a table. With ``--workdir`` the torch variants are compared with JAX on
 the eval split of the run's dataset; with ``--checkpoint`` on ``--dataset`` if given, else on random images.
-Errors (a checkpoint that does not fit the model, an option without an exporter, a torch build without qnnpack)
-exit with status 1 and leave no files behind.
+Errors (a checkpoint that does not fit the model, an option without an exporter, a torch build without qnnpack, an
+OUTDIR holding files an export does not write) exit with status 1 and leave no files behind. Exporting into an
+earlier export replaces its files and nothing else. A workdir's newest checkpoint that does not restore is skipped
+(with a warning; it is left in place) for the newest one that does, unless ``--step`` names one.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument('--workdir', help='a training workdir (config.json + checkpoints/)')
     source.add_argument('--checkpoint', help='a checkpoint file that vit_jax.checkpoints.load_params reads')
-    p.add_argument('--out', required=True, help='the output directory (replaced atomically when it is an export)')
-    p.add_argument('--step', type=int, help='workdir: the checkpoint step (default: the latest)')
+    p.add_argument('--out', required=True, help='the output directory: new, or an earlier export (its files are '
+                   'replaced; a folder holding other files is refused)')
+    p.add_argument('--step', type=int, help='workdir: the checkpoint step (default: the newest that restores)')
     p.add_argument('--no-ema', action='store_true', help='workdir: export params even where ema_params exist')
     p.add_argument('--model', help='checkpoint: the registered model name (python -m vit_jax.models lists them)')
     p.add_argument('--override', action='append', default=[], metavar='FIELD=VALUE',
@@ -53,7 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _eval_batches(config):
-    from vit_jax import data  # TensorFlow: imported only when there is a dataset to read
+    from vit_jax import console
+    console.import_tensorflow_quietly()  # only when there is a dataset to read, without its start-up banner
+    from vit_jax import data
     try:
         return data.eval_iterator(config)
     except ValueError as e:

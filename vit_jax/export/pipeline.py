@@ -2,8 +2,8 @@
 
     report = export(params, model, 'out/vit', eval_batches=data.eval_iterator(config))
 
-Writes into ``out_dir`` (atomically: everything goes to a temporary directory beside it, renamed at the end, so a
-failure leaves nothing behind) the files of ``artefacts.FILES`` and returns the report it saved there: file sizes,
+Writes into ``out_dir`` (everything goes to a temporary directory beside it first, so a failure leaves nothing behind
+and an earlier export intact) the files of ``artefacts.FILES`` and returns the report it saved there: file sizes,
 CPU latency per image at batch 1, max |logits - JAX logits| and top-1 agreement with JAX for every PyTorch variant,
 and whether the safetensors state dict reads back through ``load_params`` to the very same parameters.
 """
@@ -103,11 +103,25 @@ def _round_trip(path: str, model: Any, params: Mapping[str, Any]) -> str:
     return 'exact' if not different and loaded.keys() == ours.keys() else f'failed: differs at {different[:5]}'
 
 
+def _foreign_files(out_dir: str) -> list[str]:
+    """What ``out_dir`` holds besides the files an export writes (a user's notes, a deploy/ folder)."""
+    return sorted(set(os.listdir(out_dir)) - set(artefacts.FILES)) if os.path.isdir(out_dir) else []
+
+
+def _check_out_dir(out_dir: str) -> None:
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise convert.ExportError(f'{out_dir} exists and is a file, not an export folder: choose another --out.')
+    foreign = _foreign_files(out_dir)
+    if foreign:
+        raise convert.ExportError(
+            f'{out_dir} holds files that are not an earlier export\'s: {foreign}. An export writes and replaces only '
+            f'{list(artefacts.FILES)}: move the others away, or choose another --out.')
+
+
 def _prepare_out_dir(out_dir: str) -> list[str]:
-    """Checks OUT_DIR can be (re)placed; creates its missing parents and returns them (removed again on failure)."""
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or (
-            os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, artefacts.REPORT)))):
-        raise convert.ExportError(f'{out_dir} exists and is not an earlier export: choose another --out.')
+    """Checks OUT_DIR is new, empty or an earlier export; creates its missing parents and returns them (removed
+    again on failure)."""
+    _check_out_dir(out_dir)
     created, parent = [], os.path.dirname(out_dir)
     while not os.path.exists(parent):
         created.append(parent)
@@ -118,19 +132,20 @@ def _prepare_out_dir(out_dir: str) -> list[str]:
 
 
 def _install(tmp: str, out_dir: str) -> None:
-    """Renames the finished ``tmp`` to ``out_dir``, replacing an earlier export only once the new one is complete."""
+    """Moves the finished export from ``tmp`` into ``out_dir``: a new folder is renamed into place; into an existing
+    one, each file replaces its earlier version (the report last), and nothing else there is touched."""
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp (and safetensors) make private files; the artefacts are for sharing
     for f in os.listdir(tmp):
         os.chmod(os.path.join(tmp, f), 0o666 & ~umask)
-    old = None
-    if os.path.exists(out_dir):
-        old = tempfile.mkdtemp(prefix=f'.{os.path.basename(out_dir)}.old-', dir=os.path.dirname(out_dir))
-        os.rename(out_dir, os.path.join(old, 'export'))
-    os.rename(tmp, out_dir)
-    if old:
-        shutil.rmtree(old)
+    if not os.path.exists(out_dir):
+        os.rename(tmp, out_dir)
+        return
+    _check_out_dir(out_dir)  # again: files may have appeared while the export ran
+    for f in sorted(os.listdir(tmp), key=lambda f: f == artefacts.REPORT):
+        os.replace(os.path.join(tmp, f), os.path.join(out_dir, f))
+    os.rmdir(tmp)
 
 
 def measure(model: Any, params: Mapping[str, Any], module: torch.nn.Module, directory: str,

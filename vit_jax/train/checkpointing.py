@@ -188,6 +188,20 @@ def record_config(workdir: str, config: ml_collections.ConfigDict, step: int,
 
 # Restoring ------------------------------------------------------------------------------------------------------------
 
+def _without_closed_loop_noise(hook: Callable) -> Callable:
+    """``sys.unraisablehook`` that drops the "Event loop is closed" of coroutines orbax abandoned on a failure (they
+    are collected whenever the garbage collector runs, possibly long after), and passes everything else on."""
+    if getattr(hook, 'drops_closed_loop', False):
+        return hook
+
+    def filtered(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError) and 'Event loop is closed' in str(unraisable.exc_value)):
+            hook(unraisable)
+
+    filtered.drops_closed_loop = True
+    return filtered
+
+
 @contextlib.contextmanager
 def quiet_orbax_failures() -> Iterator[None]:
     """A failed orbax read or write logs its traceback from every thread and leaves coroutines that complain of a
@@ -207,7 +221,7 @@ def quiet_orbax_failures() -> Iterator[None]:
         yield
     finally:
         gc.collect()  # the abandoned coroutines complain when collected: now, while silenced
-        sys.unraisablehook = previous_hook
+        sys.unraisablehook = _without_closed_loop_noise(previous_hook)
         logging.getLogger('asyncio').setLevel(asyncio_level)
         for lg in loggers:
             lg.removeFilter(drop)
