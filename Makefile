@@ -20,7 +20,8 @@ $(STAMP): pyproject.toml | $(PY)
 install: $(STAMP)
 
 # Trains a small ViT on the bundled digits (rerunning resumes; a finished run just reports its eval), then exports
-# it to TorchScript fp32, int8 qnnpack and a lite-interpreter file, with the report table.
+# it to TorchScript fp32, int8 qnnpack and a lite-interpreter file, with the report table. A run stopped by SIGTERM
+# saves and exits with status 143, so make stops before exporting a half-trained model: rerun to resume.
 demo: $(STAMP)
 	$(PY) -m vit_jax.main --config configs/quickstart.py --workdir workdirs/quickstart
 	$(PY) -m vit_jax.export --workdir workdirs/quickstart --out workdirs/quickstart/export
