@@ -189,7 +189,9 @@ def test_cli_on_a_checkpoint_file(tmp_path):
     diff, agree = report['max_abs_logit_diff'], report['top1_agreement']
     assert max(diff[k] for k in variants[:2]) <= 1e-4
     assert 0 < diff['int8_qnnpack'] < 0.1 and diff['int8_lite'] == pytest.approx(diff['int8_qnnpack'], abs=1e-3)
-    assert agree['torchscript_fp32'] == 1.0 and 0.0 <= agree['int8_lite'] <= 1.0
+    assert agree['torchscript_fp32'] == 1.0
+    # The lite file is the scripted int8 model: the same predictions; and int8 keeps most of fp32's top-1.
+    assert agree['int8_lite'] == agree['int8_qnnpack'] >= 0.75
     assert report['comparison']['examples'] == 8 and 'random' in report['comparison']['inputs']
     assert report['state_dict'] == {'layout': 'timm', 'round_trip': 'exact'}
     assert report['threads']['torch'] == len(os.sched_getaffinity(0))

@@ -132,7 +132,8 @@ def adam_reference(params, grads_per_step, lr, wd, decay_of, b1=0.9, b2=0.999, e
 
 
 def flat_names(tree):
-    return {'/'.join(optim.param_names(path)): np.asarray(x) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {'/'.join(optim.param_names(path)): np.asarray(x) for path, x in flat}
 
 
 def test_big_vision_decay_is_scaled_by_the_schedule_not_the_learning_rate():
@@ -266,3 +267,10 @@ def test_timm_cosine_as_deit_steps_it():
     for epoch in (0, 1, 2, 5, 6, 150, 299):
         for step in (epoch * epoch_steps, epoch * epoch_steps + epoch_steps - 1):
             np.testing.assert_allclose(float(schedule(step)), timm_lr(max(epoch - 1, 0)), rtol=1e-5)
+
+
+def test_ema_update_weights_the_old_average_by_the_decay():
+    """Polyak averaging, ema <- decay * ema + (1 - decay) * params, at an asymmetric decay (0.5 cannot tell the two
+    terms apart)."""
+    ema = optim.ema_update({'w': jnp.array([1.0, 10.0])}, {'w': jnp.array([0.0, 20.0])}, 0.9)
+    np.testing.assert_allclose(ema['w'], [0.9, 11.0], rtol=1e-6)

@@ -16,6 +16,10 @@ import pytest
 import tensorflow_datasets as tfds
 
 from conftest import mock_metadata
+from flax.core import meta
+from vit_jax.checkpoints import stack_layers
+from vit_jax.models import create_model
+from vit_jax.train.optim import create_optimizer
 from vit_jax.train import config as config_lib
 from vit_jax.train.loop import NonFiniteLossError, train_and_evaluate
 
@@ -73,9 +77,10 @@ def test_kill_minus_nine_then_resume_equals_an_uninterrupted_run(tmp_path, data_
     assert resumed[-1]['eval_top1'] > 0.5  # and it learned something
 
 
-def test_sigterm_saves_and_stops(tmp_path, data_dir):
+def test_sigterm_saves_a_step_and_the_rerun_resumes_from_it(tmp_path, data_dir):
     workdir = tmp_path / 'preempted'
-    proc = subprocess.Popen(main_command(workdir, data_dir, '--config.total_steps=100000'),
+    short_warmup = '--config.optimizer.warmup_steps=10'  # the rerun is short
+    proc = subprocess.Popen(main_command(workdir, data_dir, '--config.total_steps=100000', short_warmup),
                             env=dict(os.environ, JAX_PLATFORMS='cpu'), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
@@ -84,9 +89,16 @@ def test_sigterm_saves_and_stops(tmp_path, data_dir):
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0
-    assert 'SIGTERM: saved step' in stderr
+    said = int(stderr.split('SIGTERM: saved step ')[1].split()[0])
     saved = ocp.CheckpointManager(str(workdir / 'checkpoints')).latest_step()
-    assert saved > 20 and saved % 20 != 0 or saved >= 20  # a step of its own, saved on the signal
+    assert saved == said and 20 <= saved < 100000  # the step it stood at when the signal came, saved
+    assert max(m['step'] for m in read_metrics(workdir)) <= saved
+    # The same command (here with a nearby end) continues from that step, not from 0.
+    rerun = subprocess.run(main_command(workdir, data_dir, f'--config.total_steps={saved + 5}', short_warmup),
+                           cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f'Resumed from step {saved} ' in rerun.stderr
+    assert ocp.CheckpointManager(str(workdir / 'checkpoints')).latest_step() == saved + 5
 
 
 def tiny(config, data_dir):
@@ -144,17 +156,77 @@ def test_non_finite_loss_names_the_step_and_keeps_the_checkpoint(tmp_path, data_
     config.total_steps = 40
     config.log_every = 5
     config.checkpoint_every = 5
-    config.optimizer.update(name='sgd', learning_rate=1e12, warmup_steps=5, grad_clip_norm=0.0)
+    # Five sane steps (lr 1e-3; a checkpoint at step 5), then lr 1e12 from step 6: timm_cosine's one-epoch warmup.
+    config.optimizer.update(name='sgd', learning_rate=1e12, warmup_steps=5, warmup_init_learning_rate=1e-3,
+                            schedule='timm_cosine', schedule_epoch_steps=5, cosine_epochs=1000, grad_clip_norm=0.0)
     with pytest.raises(NonFiniteLossError, match=r'Training loss is (nan|inf|-inf) at step (\d+)\. The last good '
-                                                 r'checkpoint \(step (\d+|None)\)') as info:
+                                                 r'checkpoint \(step 5\)') as info:
         train_and_evaluate(config, str(tmp_path))
     bad_step = int(str(info.value).split(' at step ')[1].split('.')[0])
+    assert 5 < bad_step <= 10
     manager = ocp.CheckpointManager(str(tmp_path / 'checkpoints'))
-    good = manager.latest_step()
-    assert good is None or good < bad_step
-    if good is not None:
-        restored = manager.restore(good)
-        assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(restored['params']))
+    assert manager.all_steps() == [5]
+    restored = manager.restore(5)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(restored['params']))
+
+
+TRAIN_KWARGS = dict(num_classes=10, image_size=32, patch_size=8, hidden_size=32, num_layers=2, num_heads=2,
+                    mlp_dim=64)
+
+
+def adam_losses(model, params, images, labels):
+    """The loss before each of len(images) Adam updates (lr 1e-2, weight decay 0.05), and the final params."""
+    import optax
+    opt = config_lib.base_config().optimizer
+    opt.update(learning_rate=1e-2, weight_decay=0.05)
+    tx, _ = create_optimizer(opt, len(images))
+    state, out = tx.init(params), []
+
+    @jax.jit
+    def step(params, state, x, y):
+        loss_fn = lambda p: optax.softmax_cross_entropy(model.apply({'params': p}, x, train=True), y).mean()  # noqa
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, loss
+
+    for x, y in zip(images, labels):
+        params, state, loss = step(params, state, x, y)
+        out.append(float(loss))
+    return out, params
+
+
+def random_batches(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(n, 8, 32, 32, 3)).astype(np.float32),
+            np.asarray(jax.nn.one_hot(rng.integers(0, 10, (n, 8)), 10)))
+
+
+def init_params(model, seed: int = 0):
+    params = meta.unbox(model.init(jax.random.key(seed), np.zeros((1, 32, 32, 3), np.float32))['params'])
+    rng = np.random.default_rng(seed)  # a non-zero head, so that the first losses already differ
+    return jax.tree.map(lambda x: x + 0.05 * rng.normal(size=x.shape).astype(np.float32), params)
+
+
+def test_scan_layers_and_remat_train_like_the_plain_model():
+    """The same parameters (stacked for the scan) and batches: the losses of 4 Adam updates agree."""
+    plain = create_model('vit_ti16', **TRAIN_KWARGS)
+    scanned = create_model('vit_ti16', **TRAIN_KWARGS, scan_layers=True, remat=True)
+    params = init_params(plain)
+    images, labels = random_batches(4)
+    expected, _ = adam_losses(plain, params, images, labels)
+    assert len(set(expected)) == 4
+    np.testing.assert_allclose(adam_losses(scanned, stack_layers(params), images, labels)[0], expected, rtol=1e-5)
+
+
+def test_bfloat16_training_lowers_the_loss_and_keeps_float32_params():
+    model = create_model('vit_ti16', **TRAIN_KWARGS, dtype='bfloat16')
+    params = init_params(model)
+    images, labels = random_batches(1)
+    losses, trained = adam_losses(model, params, np.repeat(images, 12, 0), np.repeat(labels, 12, 0))
+    assert losses[-1] < 0.5 * losses[0]  # it fits one batch
+    assert {x.dtype for x in jax.tree.leaves(trained)} == {np.dtype(np.float32)}
+    assert model.apply({'params': trained}, images[0], mutable=['intermediates'])[1]['intermediates'][
+        'encoder']['block_0']['tokens'][0].dtype == np.dtype('bfloat16')  # it computes in bfloat16
 
 
 @pytest.mark.parametrize('overrides,pattern', [

@@ -133,7 +133,8 @@ def create_optimizer(opt: ml_collections.ConfigDict, total_steps: int) -> tuple[
         direction = optax.scale_by_adam(opt.b1, opt.b2, opt.eps, mu_dtype=opt.get('mu_dtype') or None)
     else:
         # vision_transformer's fine-tuning keeps the momentum in bfloat16 (configs/common.py optim_dtype).
-        direction = (optax.trace(decay=opt.momentum, nesterov=opt.nesterov, accumulator_dtype=opt.get('mu_dtype') or None)
+        accumulator_dtype = opt.get('mu_dtype') or None
+        direction = (optax.trace(decay=opt.momentum, nesterov=opt.nesterov, accumulator_dtype=accumulator_dtype)
                      if opt.momentum else optax.identity())
     decay = optax.add_decayed_weights(opt.weight_decay, mask=weight_decay_mask) if opt.weight_decay else None
 
