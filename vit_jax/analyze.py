@@ -107,8 +107,9 @@ def analyze(loaded, out: str, image_files: list[str] = (), num_images: int = 128
         except ImageError as e:
             report['errors'].append(str(e))
             log(f'error: {e}')
-    evals, labels, where = eval_images(loaded, num_images if not shown else max(num_images, 0), dataset, eval_split,
-                                       data_dir) if (loaded.config is not None or dataset) else (None, None, '')
+    evals, labels, where = None, None, ''
+    if loaded.config is not None or dataset:
+        evals, labels, where = eval_images(loaded, num_images, dataset, eval_split, data_dir)
     if not shown and evals is not None and len(evals):
         shown = list(evals[:rollout_images])
         titles = [f'#{i} label {loaded.class_name(int(y))}' for i, y in enumerate(labels[:rollout_images])]
@@ -209,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--eval-split', help='with --dataset: the split (default test)')
     args = p.parse_args(argv)
     logging.getLogger('absl').setLevel(logging.ERROR)
+    if args.num_images < 1 or args.rollout_images < 1:
+        p.error('--num-images and --rollout-images: give at least 1.')
     if not 0.0 <= args.discard_ratio < 1.0:
         p.error(f'--discard-ratio {args.discard_ratio}: give a fraction in [0, 1).')
     from vit_jax.checkpoints import CheckpointError

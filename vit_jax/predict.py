@@ -48,7 +48,8 @@ def check_classifier(model) -> None:
 
 
 def classify_files(loaded, files: list[str], top: int = 5) -> list[dict]:
-    """One result per file, in order: ``{'file', 'top': [{'class', 'name', 'probability'}]}`` or ``{'file', 'error'}``."""
+    """One result per file, in order: ``{'file', 'top': [{'class', 'name', 'probability'}]}``, or ``{'file',
+    'error'}``."""
     from vit_jax.analysis.loading import ImageError, load_image
     check_classifier(loaded.model)
     results, images, where = [], [], []

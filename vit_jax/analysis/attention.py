@@ -48,7 +48,7 @@ def encoder_attention(model: VisionTransformer, params, images: np.ndarray, with
 
 
 def batched_attention(model: VisionTransformer, params, images: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
-    """``encoder_attention`` of each batch in turn: attention maps are large (L B H N^2), so callers reduce per batch."""
+    """``encoder_attention`` of each batch in turn: the maps are large (L B H N^2), so callers reduce per batch."""
     for batch in images:
         yield encoder_attention(model, params, batch)
 

@@ -49,7 +49,7 @@ class Loaded:
 
 
 def public_eval_augment(family: str, **overrides) -> ml_collections.ConfigDict:
-    """``config.augment`` with the published eval transform of ``family``; ``overrides`` replace fields where not None."""
+    """``config.augment`` with the published eval transform of ``family``; non-None ``overrides`` replace fields."""
     from vit_jax.train.config import base_config, deit_recipe, vit_pretrain_recipe
     if family in ('deit', 't2t'):
         augment = deit_recipe(base_config()).augment
@@ -147,7 +147,7 @@ def _timm_info_dir() -> str | None:
     return root if os.path.exists(os.path.join(root, 'imagenet21k_goog_synsets.txt')) else None
 
 
-# Images ----------------------------------------------------------------------------------------------------------------
+# Images ---------------------------------------------------------------------------------------------------------------
 def load_image(path: str, augment: ml_collections.ConfigDict, image_size: int) -> np.ndarray:
     """One image file -> (S, S, 3) float32 through the eval transform; ImageError naming the file if it cannot."""
     import tensorflow as tf
