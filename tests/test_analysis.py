@@ -237,3 +237,16 @@ def test_cli_on_the_vision_transformer_fixture(tmp_path, capsys):
     assert main([*args, '--out', str(tmp_path / 'out2'), '--layer', '5']) == 1  # no image: distance skipped too
     assert main([*args, str(image), '--out', str(tmp_path / 'out3'), '--layer', '5']) == 1
     assert 'the model has blocks 0..1 and heads 0..2' in capsys.readouterr().err
+
+
+def test_batches_are_sized_to_the_memory_budget_and_padding_is_dropped():
+    from vit_jax.analysis.attention import batch_size_for, batched_attention
+    large = models.create_model('vit_l16', num_classes=1000, image_size=384)
+    assert batch_size_for(large) == 1  # 24 x 16 x 577^2 floats: 0.5 GB an image
+    assert batch_size_for(models.create_model('vit_b16', num_classes=1000)) == 24  # 512 MiB / 21.3 MiB
+    model, params = _tiny('vit_ti16', patch_size=8)
+    images = np.random.default_rng(7).normal(size=(5, 32, 32, 3)).astype(np.float32)
+    parts = list(batched_attention(model, params, images, batch_size=2))
+    assert [p[0].shape[1] for p in parts] == [2, 2, 1] and [p[1].shape for p in parts][-1] == (1, 10)
+    np.testing.assert_allclose(np.concatenate([p[0] for p in parts], axis=1), encoder_attention(model, params, images),
+                               atol=1e-6)

@@ -34,9 +34,6 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 from vit_jax.analysis import attention as attention_lib  # noqa: E402
 from vit_jax.analysis import distance, filters, posemb, rollout  # noqa: E402
 
-ATTENTION_BATCH = 32  # images per forward pass that keeps the maps: L x B x H x N^2 floats
-
-
 def eval_images(loaded, count: int, dataset: str | None = None, split: str | None = None,
                 data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray, str]:
     """The first ``count`` eval images (S, S, 3) and labels of the workdir's dataset, or of ``dataset``."""
@@ -116,17 +113,22 @@ def analyze(loaded, out: str, image_files: list[str] = (), num_images: int = 128
     distance_images = evals if evals is not None and len(evals) else (np.stack(shown) if shown else None)
     distance_source = where if evals is not None and len(evals) else 'the IMAGE files'
 
-    # Attention rollout (figure 6) and one block's head.
+    # Attention rollout (figure 6) and one block's head, reduced batch by batch: the maps are large.
     if shown:
         images = np.stack(shown)
-        attentions, logits = attention_lib.encoder_attention(model, params, images, with_outputs=True)
+        maps, single, logits = [], [], []
+        for attentions, outputs in attention_lib.batched_attention(model, params, images):
+            maps.append(rollout_maps(attentions, model, head_fusion, discard_ratio))
+            if layer is not None:
+                single.append(single_head_maps(attentions, model, layer, head))
+            logits.append(outputs)
+        maps, logits = np.concatenate(maps), np.concatenate(logits)
         if model.num_classes and model.classifier in ('token', 'gap'):
             probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
             probs = probs / probs.sum(axis=-1, keepdims=True)
             titles = [f'{t}\npred {loaded.class_name(int(p.argmax()))} ({p.max():.2f})'
                       for t, p in zip(titles, probs)]
         display = [plotting.display_image(x, loaded.augment.normalization) for x in images]
-        maps = rollout_maps(attentions, model, head_fusion, discard_ratio)
         token = rollout.describe_token(model.num_prefix_tokens)
         plotting.plot_token_maps(display, maps, titles, figure('attention_rollout', 'attention_rollout.png'),
                                  f'attention rollout ({head_fusion} of heads, discard {discard_ratio:g}): {token}')
@@ -134,7 +136,7 @@ def analyze(loaded, out: str, image_files: list[str] = (), num_images: int = 128
                                        'images': [t.split('\n')[0] for t in titles],
                                        'maps': np.round(maps, 6).tolist()}
         if layer is not None:
-            single = single_head_maps(attentions, model, layer, head)
+            single = np.concatenate(single)
             filename = f'attention_layer{layer}_head{head}.png'
             plotting.plot_token_maps(display, single, titles, figure('single_head', filename),
                                      f'block {layer}, head {head}: {token} (no rollout)')
@@ -142,13 +144,11 @@ def analyze(loaded, out: str, image_files: list[str] = (), num_images: int = 128
     else:
         report['attention_rollout'] = {'skipped': 'no images: give IMAGE files, or --dataset for a checkpoint'}
 
-    # Mean attention distance (figure 7, right), reduced batch by batch: the maps of 128 images are large.
+    # Mean attention distance (figure 7, right), over up to --num-images eval images.
     if distance_images is not None:
         per_example = [distance.mean_attention_distance(a, model.grid_size, report['pixels_per_patch'],
                                                         model.num_prefix_tokens)
-                       for a in attention_lib.batched_attention(
-                           model, params, (distance_images[i:i + ATTENTION_BATCH]
-                                           for i in range(0, len(distance_images), ATTENTION_BATCH)))]
+                       for a, _ in attention_lib.batched_attention(model, params, distance_images)]
         mean = np.concatenate(per_example, axis=1).mean(axis=1)  # (L, H)
         plotting.plot_attention_distance(mean, model.image_size, figure('attention_distance', 'attention_distance.png'),
                                          f'mean attention distance, {len(distance_images)} images')

@@ -8,7 +8,7 @@ encoder is read here.
 from __future__ import annotations
 
 import functools
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import jax
 import numpy as np
@@ -47,10 +47,25 @@ def encoder_attention(model: VisionTransformer, params, images: np.ndarray, with
     return (maps, np.asarray(outputs)) if with_outputs else maps
 
 
-def batched_attention(model: VisionTransformer, params, images: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
-    """``encoder_attention`` of each batch in turn: the maps are large (L B H N^2), so callers reduce per batch."""
-    for batch in images:
-        yield encoder_attention(model, params, batch)
+def batch_size_for(model: VisionTransformer, budget_bytes: int = 512 * 2 ** 20) -> int:
+    """Images per forward pass whose attention maps (L x B x H x N^2 float32) fit in ``budget_bytes``."""
+    n = model.grid_size ** 2 + model.num_prefix_tokens
+    return max(1, budget_bytes // (4 * model.num_layers * model.num_heads * n * n))
+
+
+def batched_attention(model: VisionTransformer, params, images: np.ndarray,
+                      batch_size: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(attention (L, b, H, N, N), outputs) of each batch of ``images`` in turn; the maps of ViT-L at 384 px take
+    ~0.5 GB an image, so callers reduce each batch before the next. The last batch is padded to the same shape (one
+    compilation) and its padding dropped."""
+    batch_size = batch_size or batch_size_for(model)
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size]
+        real = len(batch)
+        if real < batch_size and start:
+            batch = np.concatenate([batch, np.zeros((batch_size - real,) + batch.shape[1:], batch.dtype)])
+        maps, outputs = encoder_attention(model, params, batch, with_outputs=True)
+        yield maps[:, :real], outputs[:real]
 
 
 @functools.partial(jax.jit, static_argnums=0)
