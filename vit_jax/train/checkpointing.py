@@ -245,14 +245,16 @@ def _shapes(tree: Any) -> list[tuple[int, ...]]:
 def _check_same_state(manager, step: int, abstract_state: Any) -> None:
     """Raises ConfigMismatchError when the checkpoint's metadata (readable) describe a train state of other shapes:
     that checkpoint is intact but belongs to another model or optimizer, so it must not be moved aside."""
-    try:
-        metadata = manager.item_metadata(step)
-        stored = metadata.tree if hasattr(metadata, 'tree') else metadata
-        stored = _shapes(stored)
+    import orbax.checkpoint as ocp
+    item = os.path.join(os.fspath(manager.directory), str(step), 'default')
+    try:  # read from the files: a manager that has not saved yet does not know the item's handler
+        with quiet_orbax_failures():
+            metadata = ocp.StandardCheckpointer().metadata(item).item_metadata
+        stored = _shapes(metadata.tree if hasattr(metadata, 'tree') else metadata)
     except Exception:  # unreadable metadata: the checkpoint is damaged; restore() will say how
         return
     expected = _shapes(abstract_state)
-    if stored != expected:
+    if stored and stored != expected:
         only_stored = sorted(set(stored) - set(expected))[:5]
         only_expected = sorted(set(expected) - set(stored))[:5]
         raise ConfigMismatchError(
