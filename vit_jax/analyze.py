@@ -149,7 +149,7 @@ def analyze(loaded, out: str, image_files: list[str] = (), num_images: int = 128
         per_example = [distance.mean_attention_distance(a, model.grid_size, report['pixels_per_patch'],
                                                         model.num_prefix_tokens)
                        for a, _ in attention_lib.batched_attention(model, params, distance_images)]
-        mean = np.concatenate(per_example, axis=1).mean(axis=1)  # (L, H)
+        mean = np.concatenate(per_example, axis=1).astype(np.float64).mean(axis=1)  # (L, H)
         plotting.plot_attention_distance(mean, model.image_size, figure('attention_distance', 'attention_distance.png'),
                                          f'mean attention distance, {len(distance_images)} images')
         report['mean_attention_distance'] = {'pixels': np.round(mean, 4).tolist(), 'images': len(distance_images),

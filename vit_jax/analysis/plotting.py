@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 
 from vit_jax.analysis.filters import to_rgb
@@ -50,7 +52,7 @@ def plot_token_maps(images: np.ndarray, maps: np.ndarray, titles: list[str], pat
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(suptitle, fontsize=8)
+    fig.suptitle(textwrap.fill(suptitle, width=int(14 * fig.get_figwidth())), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -80,7 +82,8 @@ def plot_position_similarity(similarity: np.ndarray, path: str, title: str) -> N
     plt = _pyplot()
     g = similarity.shape[0]
     image = mosaic(similarity.reshape(g * g, g, g), columns=g)
-    fig, ax = plt.subplots(figsize=(4.8, 4.2))
+    side = max(3.4, 2 * image.shape[0] / 100)  # >= 2 screen pixels per similarity: no rows lost to resampling
+    fig, ax = plt.subplots(figsize=(side + 1.4, side + 0.8))
     shown = ax.imshow(np.ma.masked_invalid(image), cmap='viridis', vmin=-1, vmax=1, interpolation='nearest')
     ax.set_xticks([(g + 1) * c + g / 2 - 0.5 for c in range(g)], [str(c + 1) for c in range(g)], fontsize=6)
     ax.set_yticks([(g + 1) * r + g / 2 - 0.5 for r in range(g)], [str(r + 1) for r in range(g)], fontsize=6)

@@ -74,5 +74,5 @@ def describe_token(num_prefix_tokens: int) -> str:
     if num_prefix_tokens == 0:
         return 'mean over the patch tokens\' rows (classifier="gap": no class token)'
     if num_prefix_tokens == 2:
-        return 'class token row (the distillation token is the other prefix token, excluded from the map)'
+        return 'class token row (not the distillation token\'s)'
     return 'class token row'
