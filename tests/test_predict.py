@@ -103,13 +103,15 @@ def test_imagenet_names_from_installed_packages(tmp_path):
     assert names is None and '--labels FILE' in where
 
 
-def test_a_workdir_uses_its_eval_transform_and_its_dataset_label_names(tmp_path):
+def _digits_workdir(tmp_path: pathlib.Path):
+    """A workdir as vit_jax.main writes it (config.json + orbax checkpoint) of a tiny random ViT on the digits."""
     import orbax.checkpoint as ocp
     from vit_jax.train.config import base_config
     tiny = dict(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64)
     config = base_config()
     config.model_name, config.dataset, config.data_dir = 'vit_ti16', 'sklearn_digits', str(tmp_path / 'tfds')
     config.model.update(patch_size=4, **tiny)
+    config.train_split, config.eval_split = 'train', 'test'
     config.image_size, config.augment.eval_resize, config.augment.crop_pct = 16, 'square', 1.0
     workdir = tmp_path / 'workdir'
     workdir.mkdir()
@@ -120,6 +122,11 @@ def test_a_workdir_uses_its_eval_transform_and_its_dataset_label_names(tmp_path)
     params = jax.tree.map(lambda s: (0.3 * rng.normal(size=s.shape)).astype(np.float32), shapes)
     with ocp.CheckpointManager(str(workdir / 'checkpoints')) as manager:
         manager.save(3, args=ocp.args.StandardSave({'step': np.int32(3), 'params': params}))
+    return workdir, model, params
+
+
+def test_a_workdir_uses_its_eval_transform_and_its_dataset_label_names(tmp_path):
+    workdir, model, params = _digits_workdir(tmp_path)
     image = tmp_path / 'digit.png'
     Image.fromarray(_picture(8, 8, 4)).save(image)
     loaded = loading.from_workdir(str(workdir))
@@ -129,6 +136,16 @@ def test_a_workdir_uses_its_eval_transform_and_its_dataset_label_names(tmp_path)
     probs = np.asarray(jax.nn.softmax(model.apply({'params': params}, x[None]))[0])
     assert [t['class'] for t in result['top']] == list(np.argsort(-probs, kind='stable'))
     assert result['top'][0]['probability'] == pytest.approx(probs.max(), abs=1e-5)
+
+    # analyze on the same workdir: without IMAGE files its rollout and distances take the run's eval split.
+    from vit_jax.analyze import main as analyze_main
+    out = tmp_path / 'analysis'
+    assert analyze_main(['--workdir', str(workdir), '--out', str(out), '--num-images', '20',
+                         '--rollout-images', '3']) == 0
+    report = json.loads((out / 'analysis.json').read_text())
+    assert report['mean_attention_distance']['images'] == 20
+    assert report['mean_attention_distance']['images_from'] == 'sklearn_digits:test'
+    assert len(report['attention_rollout']['maps']) == 3 and report['attention_rollout']['images'][0].startswith('#0')
 
 
 def test_models_without_one_class_vector_per_image_are_refused(tmp_path):

@@ -107,6 +107,13 @@ def analyze(loaded, out: str, image_files: list[str] = (), num_images: int = 128
     evals, labels, where = None, None, ''
     if loaded.config is not None or dataset:
         evals, labels, where = eval_images(loaded, num_images, dataset, eval_split, data_dir)
+        if dataset and loaded.class_names is None:  # a checkpoint's head without names: the dataset's, if they fit
+            from vit_jax.analysis.loading import dataset_class_names
+            from vit_jax.export.restore import eval_config
+            names, source = dataset_class_names(eval_config(dataset, data_dir, eval_split or 'test', 1, 1,
+                                                            'inception', 1.0), model.num_classes)
+            if names:
+                loaded.class_names, loaded.names_source = names, source
     if not shown and evals is not None and len(evals):
         shown = list(evals[:rollout_images])
         titles = [f'#{i} label {loaded.class_name(int(y))}' for i, y in enumerate(labels[:rollout_images])]
