@@ -123,7 +123,7 @@ def load_model(args: argparse.Namespace, parser: argparse.ArgumentParser):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog='python -m vit_jax.predict', description=__doc__.split('\n\n')[0])
     add_model_args(p)
-    p.add_argument('images', nargs='+', metavar='IMAGE', help='image files (JPEG, PNG, GIF, BMP)')
+    p.add_argument('images', nargs='+', metavar='IMAGE', help="image files (JPEG, PNG, GIF, BMP, WebP)")
     p.add_argument('--top', type=int, default=5, help='how many classes to print per image (default 5)')
     p.add_argument('--json', action='store_true', help='print the results as JSON instead of tables')
     args = p.parse_args(argv)
