@@ -84,14 +84,17 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> 
     f(t) = init + t (peak - init) / warmup for t < warmup, else end + (peak - end) (1 + cos(pi t / cosine)) / 2
     (``warmup_prefix=False``: the cosine counts from epoch 0), held at ``end`` after ``cosine_epochs``.
     """
-    peak, end, init = float(opt.learning_rate), float(opt.end_learning_rate), float(opt.warmup_init_learning_rate)
+    # .get: a hand-made optimizer ConfigDict (tests, benchmarks) may predate the newer fields.
+    peak, end = float(opt.learning_rate), float(opt.end_learning_rate)
+    init = float(opt.get('warmup_init_learning_rate', 0.0))
     warmup = int(opt.warmup_steps)
     if opt.schedule == 'timm_cosine':
-        epoch_steps = int(opt.schedule_epoch_steps)
+        epoch_steps = int(opt.get('schedule_epoch_steps', 0))
         if epoch_steps <= 0:
             raise ValueError('optimizer.schedule=timm_cosine steps once per epoch: set optimizer.schedule_epoch_steps '
                              '(updates per epoch).')
-        warmup_epochs, cosine_epochs, lag = warmup // epoch_steps, int(opt.cosine_epochs), int(opt.schedule_epoch_lag)
+        warmup_epochs = warmup // epoch_steps
+        cosine_epochs, lag = int(opt.get('cosine_epochs', 0)), int(opt.get('schedule_epoch_lag', 0))
         if cosine_epochs <= 0:
             raise ValueError('optimizer.schedule=timm_cosine needs optimizer.cosine_epochs (timm\'s t_initial).')
 
