@@ -250,3 +250,10 @@ def test_batches_are_sized_to_the_memory_budget_and_padding_is_dropped():
     assert [p[0].shape[1] for p in parts] == [2, 2, 1] and [p[1].shape for p in parts][-1] == (1, 10)
     np.testing.assert_allclose(np.concatenate([p[0] for p in parts], axis=1), encoder_attention(model, params, images),
                                atol=1e-6)
+
+
+def test_single_head_map_is_that_heads_class_token_row():
+    from vit_jax.analyze import single_head_maps
+    model = models.create_model('vit_ti16', num_classes=10, image_size=32, patch_size=16, **TINY)  # 2x2 patches
+    a = np.random.default_rng(8).dirichlet(np.ones(5), size=(2, 3, 2, 5))  # (L, B, H, N, N)
+    np.testing.assert_array_equal(single_head_maps(a, model, 1, 0), a[1, :, 0, 0, 1:].reshape(3, 2, 2))

@@ -67,8 +67,7 @@ def rollout_maps(attentions: np.ndarray, model, head_fusion: str, discard_ratio:
 
 def single_head_maps(attentions: np.ndarray, model, layer: int, head: int) -> np.ndarray:
     """(L, B, H, N, N) -> (B, g, g): block ``layer``'s head ``head``, the class token's row (gap: patch rows' mean)."""
-    a = attentions[layer][:, head][:, None]  # (B, 1, N, N): one "layer" of one head, no identity added
-    return rollout.token_map(a[:, 0], model.num_prefix_tokens, model.grid_size)
+    return rollout.token_map(attentions[layer][:, head], model.num_prefix_tokens, model.grid_size)  # no identity
 
 
 def analyze(loaded, out: str, image_files: list[str] = (), num_images: int = 128, rollout_images: int = 8,
