@@ -54,6 +54,9 @@ VIT_PAPER = {
 EXPECTED = {
     'deit_s16': dict(DEIT, model_name='deit_s16'),
     'deit_b16': dict(DEIT, model_name='deit_b16'),
+    # DeiT README's distillation command: --distillation-type hard --distillation-alpha 0.5 --distillation-tau 1.0.
+    **{f'deit_{size}16_distilled': dict(DEIT, model_name=f'deit_{size}16_distilled', objective='distillation', **{
+        'distillation.type': 'hard', 'distillation.alpha': 0.5, 'distillation.tau': 1.0}) for size in ('ti', 's', 'b')},
     # T2T-ViT main.py + README: -b 64 x 8 GPUs, --lr 5e-4 unscaled, 300 + 10 cooldown epochs of 2502 steps.
     't2t_vit_14': dict(DEIT, **{
         'model_name': 't2t_vit_14', 'batch_size': 512, 'total_steps': 310 * 2502, 'optimizer.learning_rate': 5e-4,
