@@ -1,8 +1,8 @@
 """What predict and analyze look at: a model with its parameters, its eval transform and its class names.
 
-    loaded = from_workdir('workdirs/quickstart')                          # the run's config: its eval, its labels
-    loaded = from_checkpoint('ViT-B_16.npz', 'vit_b16', {})               # the family's published eval transform
-    images = load_images(['cat.jpg'], loaded)                             # exactly the eval preprocessing
+    loaded = from_workdir('workdirs/quickstart')                     # the run's config: its eval, its labels
+    loaded = from_checkpoint('ViT-B_16-224.npz', 'vit_b16')          # the family's published eval transform
+    image = load_image('cat.jpg', loaded.augment, loaded.image_size)  # exactly the eval preprocessing, (S, S, 3)
 
 Eval transforms of the public checkpoints, by family: the ``config.augment`` of the recipe that trained them (see
 ``vit_jax.train.config``), so that they go through the same ``vit_jax.data.preprocess.eval_image`` as training runs:
