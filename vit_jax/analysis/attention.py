@@ -1,7 +1,8 @@
 """Every encoder block's attention maps, read from the ``'attention_weights'`` collection the blocks sow.
 
-Making that collection mutable switches the blocks to their explicit-softmax path (the CPU kernel and
-``jax.nn.dot_product_attention`` never form the maps). T2T's token layers sow theirs too; only the backbone's
+Making that collection mutable switches the blocks to their explicit-softmax path: the CPU kernel and
+``jax.nn.dot_product_attention`` never form the maps (timm's fused attention left vit-explain with no maps at all,
+its issue #23). T2T's token layers sow theirs too; only the backbone's
 encoder is read here.
 """
 

@@ -7,6 +7,10 @@
 With the heads' rows summing to 1, ``rownorm(A + I) = (A + I) / 2``: uniform attention 1/N in every layer gives
 ``0.5^L I + (1 - 0.5^L) / N``. Optionally the lowest ``discard_ratio`` of each fused map's weights are zeroed first
 (vit-explain's filter), never those on the prefix tokens' columns (the class token is where a layer parks attention).
+
+Where jacobgil/vit-explain goes wrong, and this does not: it divides by the row sums without ``keepdim`` (its issue
+#16), which broadcasts them along the wrong axis once discarding has unbalanced the rows; its discard spares only the
+flat index 0, i.e. entry [0, 0], not the class column, and only for the first image of a batch.
 """
 
 from __future__ import annotations
@@ -24,11 +28,7 @@ def fuse_heads(attention: np.ndarray, head_fusion: str = 'mean') -> np.ndarray:
 
 
 def discard_lowest(attention: np.ndarray, ratio: float, num_prefix_tokens: int = 1) -> np.ndarray:
-    """(B, N, N) with the lowest ``ratio`` of each example's weights on patch columns set to 0; prefix columns kept.
-
-    vit-explain meant to spare the class token but compared flat indices with 0, which spares only entry [0, 0]
-    (its issues #16, #23); here whole prefix columns are spared.
-    """
+    """(B, N, N) with the lowest ``ratio`` of each example's weights on patch columns set to 0; prefix columns kept."""
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f'discard_ratio={ratio} must be in [0, 1).')
     out = np.array(attention, dtype=np.float64, copy=True)
