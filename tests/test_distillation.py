@@ -277,3 +277,28 @@ def test_paper_preset():
     assert (d.type, d.alpha, d.tau) == ('hard', 0.5, 1.0)  # the preset applies when the objective is built
     from vit_jax.objectives.distillation import PRESETS
     assert PRESETS['paper'] == dict(type='soft', tau=3.0, alpha=0.1)
+
+
+@pytest.mark.parametrize('size, top1', [('ti', 74.5), ('s', 81.2), ('b', 83.4)])
+def test_distilled_recipes(tmp_path, teacher_workdir, size, top1):
+    """DeiT's recipe + its README's distillation flags; the tiny version trains two steps with a teacher."""
+    path = ROOT / 'configs' / f'deit_{size}16_distilled.py'
+    c = config_lib.load_config(str(path))
+    assert c.model_name == f'deit_{size}16_distilled' and c.objective == 'distillation'
+    assert (c.distillation.type, c.distillation.alpha, c.distillation.tau) == ('hard', 0.5, 1.0)
+    assert (c.batch_size, c.optimizer.name, c.optimizer.weight_decay) == (1024, 'adamw', 0.05)
+    assert c.optimizer.learning_rate == pytest.approx(5e-4 * 1024 / 512)
+    assert c.total_steps == 300 * (1_281_167 // 1024)
+    assert f'{top1}% top-1' in path.read_text() and 'not reproduced here' in path.read_text()
+    if size != 'ti':
+        return
+    c.dataset, c.train_split, c.eval_split, c.data_dir = 'sklearn_digits', 'train', 'test', None
+    c.image_size, c.batch_size, c.eval_batch_size, c.shuffle_buffer = 16, 32, 360, 64
+    c.model.update(STUDENT)
+    c.total_steps = c.log_every = c.eval_every = c.checkpoint_every = 2
+    c.optimizer.warmup_steps = 0
+    c.distillation.teacher.path = teacher_workdir
+    metrics = train_and_evaluate(c, str(tmp_path))
+    assert {'eval_top1', 'eval_class_head_top1', 'eval_distillation_head_top1', 'eval_teacher_top1',
+            'eval_agreement'} <= set(metrics)
+    assert np.isfinite(metrics['eval_loss'])
