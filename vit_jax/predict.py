@@ -28,14 +28,10 @@ BATCH = 64  # images per forward pass
 def probabilities(model, params, images: np.ndarray) -> np.ndarray:
     """Images (B, S, S, 3) -> class probabilities (B, C): the softmax of the eval logits (DeiT: the heads' mean)."""
     import jax
-    logits = np.concatenate([np.asarray(_logits(model, params, images[i:i + BATCH]), np.float64)
+    apply = jax.jit(model.apply)  # one compilation per batch shape for all the batches
+    logits = np.concatenate([np.asarray(apply({'params': params}, images[i:i + BATCH]), np.float64)
                              for i in range(0, len(images), BATCH)])
     return np.asarray(jax.nn.softmax(logits, axis=-1))
-
-
-def _logits(model, params, images):
-    import jax
-    return jax.jit(lambda p, x: model.apply({'params': p}, x))(params, images)
 
 
 def check_classifier(model) -> None:
