@@ -433,3 +433,19 @@ def test_big_vision_randaugment_always_applies_an_op(photo):
     changed = [not np.array_equal(randaugment.randaugment(tf.constant(photo), tf.constant([s, 0], tf.int64),
                                                           **kwargs).numpy(), photo) for s in range(12)]
     assert sum(changed) >= 11  # timm's applies each op with probability 0.5; big_vision's always
+
+
+def test_random_interpolation_picks_bilinear_or_bicubic_per_image(photos):
+    """T2T's --train-interpolation random: timm's RandomResizedCropAndInterpolation picks one of the two per image."""
+    def train(method, seed):
+        augment = data.default_augment_config()
+        augment.update(interpolation=method, flip=False)
+        return preprocess.train_image(tf.constant(photos[0]), tf.constant([seed, 0], tf.int64), augment, 32).numpy()
+
+    picked = []
+    for seed in range(8):
+        chosen = train('random', seed)
+        is_bilinear, is_bicubic = (np.array_equal(chosen, train(m, seed)) for m in ('bilinear', 'bicubic'))
+        assert is_bilinear != is_bicubic
+        picked.append(is_bicubic)
+    assert 0 < sum(picked) < 8
