@@ -271,12 +271,16 @@ def test_bad_teachers(tmp_path, teacher_workdir):
         create_objective(distillation_config(teacher_workdir), big, 100).load_frozen()
 
 
-def test_paper_preset():
+def test_paper_preset(teacher_workdir):
     config = distillation_config('', preset='paper')
     d = config.distillation
     assert (d.type, d.alpha, d.tau) == ('hard', 0.5, 1.0)  # the preset applies when the objective is built
     from vit_jax.objectives.distillation import PRESETS
-    assert PRESETS['paper'] == dict(type='soft', tau=3.0, alpha=0.1)
+    assert PRESETS['paper'] == dict(type='soft', tau=3.0, alpha=0.1, kl_normalisation='batchmean')
+    objective = create_objective(distillation_config(teacher_workdir, preset='paper'), models.create_model(
+        'deit_ti16_distilled', num_classes=10, image_size=16, **STUDENT), 10)
+    assert (objective.type, objective.tau, objective.alpha, objective.kl_normalisation) == (
+        'soft', 3.0, 0.1, 'batchmean')
 
 
 @pytest.mark.parametrize('size, top1', [('ti', 74.5), ('s', 81.2), ('b', 83.4)])

@@ -78,7 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
         tau=1.0,                     # deit/main.py --distillation-tau
         kl_normalisation='numel',    # soft: 'numel' (deit/losses.py: / batch x classes) | 'batchmean' (timm)
         fusion='logit_mean',         # eval of two heads: 'logit_mean' (DeiT's code) | 'softmax_sum' (DeiT's paper)
-        preset='',                   # 'paper': soft, tau 3.0, alpha 0.1 (DeiT section 5.2)
+        preset='',                   # 'paper': soft, tau 3.0, alpha 0.1, KL per image (DeiT section 5.2, eq. 2)
     ))
 
     # Fine-tuning: start from pretrained weights (any format vit_jax.checkpoints reads, or a vit_jax workdir).
