@@ -28,7 +28,9 @@ from clu import metric_writers, periodic_actions
 
 from vit_jax import checkpoints, data, models, sharding
 from vit_jax.objectives import create_objective
+from vit_jax.train import checkpointing
 from vit_jax.train.optim import create_optimizer
+from vit_jax.train.validate import validate_config
 from vit_jax.train.step import (TrainState, abstract_state, init_state, make_eval_step, make_train_step,
                                 place_frozen, state_shardings)
 
@@ -143,8 +145,15 @@ def _summarise(pending: list[tuple[int, dict]], manager: ocp.CheckpointManager) 
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and returns the final eval metrics."""
+    """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and returns the final eval metrics.
+
+    Raises ``checkpointing.Preempted`` after saving when SIGTERM arrives (``vit_jax.main`` exits 143).
+    """
+    validate_config(config)  # every value that cannot work, named with its range, before anything is built
+    changes = checkpointing.check_resume_config(config, workdir)  # another model or data: refused, field by field
     info, model, mesh, total_steps = build(config)
+    validate_config(config, total_steps)  # warmup against a length that num_epochs gave
+    checkpointing.check_total_steps(config, total_steps, workdir)
     objective = create_objective(config, model, info.num_classes)
     os.makedirs(workdir, exist_ok=True)
     opt = config.optimizer
@@ -160,7 +169,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     shardings = state_shardings(model, tx, mesh, config.image_size, use_ema, objective)
     if latest is not None:  # restored into the abstract state: no random state is built first
         abstract = abstract_state(model, tx, mesh, config.image_size, use_ema, objective).to_save()
-        state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
+        state, latest = checkpointing.restore_newest(manager, abstract)  # skips (moves aside) what does not restore
         state = state.replace(frozen=place_frozen(frozen, shardings))
         logging.info('Resumed from step %d of %s.', latest, manager.directory)
     else:
@@ -173,9 +182,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     if start_step == 0:
         writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
-        if jax.process_index() == 0:
-            with open(os.path.join(workdir, 'config.json'), 'w') as f:
-                f.write(config.to_json_best_effort(indent=2))
+    checkpointing.record_config(workdir, config, start_step, changes)  # the config in use, and what a resume changed
     logging.info('%s on %s: %d classes, %d train examples, %d steps of %d images, mesh %s.', config.model_name,
                  config.dataset, info.num_classes, info.num_train_examples, total_steps, config.batch_size,
                  dict(mesh.shape))
@@ -217,11 +224,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 log.write(step, logged)
             if step % config.checkpoint_every == 0 or last or preempted:
                 _check_finite(pending, manager)  # never save a state that came from a non-finite loss
-                manager.save(step, args=ocp.args.StandardSave(state.to_save()))
-            if preempted:
-                logging.warning('SIGTERM: saved step %d to %s; rerun the same command to resume.', step,
-                                manager.directory)
-                break
+                checkpointing.save(manager, step, state.to_save())  # waits: a failure names its step
+            if preempted:  # saved above; main exits 143 so that schedulers and `make demo` see an unfinished run
+                raise checkpointing.Preempted(step, os.fspath(manager.directory))
         if start_step == total_steps:  # a finished workdir: report its result instead of nothing
             eval_metrics = evaluate(eval_step, objective, state, config, mesh, use_ema)
         if step == total_steps and not preempted:
