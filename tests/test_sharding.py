@@ -65,7 +65,7 @@ def test_sharded_losses_match_one_device(axes):
     assert fc1.sharding.spec == P(expected_qkv[0], expected_qkv[2])
     # Adam's moments live where their parameter lives.
     mu = jax.tree.leaves(state.opt_state, is_leaf=lambda x: hasattr(x, 'mu'))
-    mu = [x for x in mu if hasattr(x, 'mu')][0].mu['encoder']['block_0']['mlp']['fc1']['kernel']
+    mu = [x for x in mu if hasattr(x, 'mu')][0].mu['model']['encoder']['block_0']['mlp']['fc1']['kernel']
     assert mu.sharding.spec == fc1.sharding.spec
 
 

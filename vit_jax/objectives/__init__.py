@@ -42,9 +42,10 @@ import flax.linen as nn
 import ml_collections
 
 from vit_jax.objectives.distillation import Distillation, create_distillation
+from vit_jax.objectives.masked import MAE, MaskedPatchPrediction, create_masked
 from vit_jax.objectives.supervised import Objective, Supervised
 
-OBJECTIVES = ('supervised', 'distillation')
+OBJECTIVES = ('supervised', 'distillation', 'masked_patch_prediction', 'mae')
 
 
 def create_objective(config: ml_collections.ConfigDict, model: nn.Module, num_classes: int) -> Objective:
@@ -53,7 +54,10 @@ def create_objective(config: ml_collections.ConfigDict, model: nn.Module, num_cl
         return Supervised(model)
     if config.objective == 'distillation':
         return create_distillation(config, model, num_classes)
+    if config.objective in ('masked_patch_prediction', 'mae'):
+        return create_masked(config, model, config.objective)
     raise ValueError(f'config.objective={config.objective!r} is not one of {OBJECTIVES}.')
 
 
-__all__ = ['OBJECTIVES', 'Distillation', 'Objective', 'Supervised', 'create_objective']
+__all__ = ['MAE', 'OBJECTIVES', 'Distillation', 'MaskedPatchPrediction', 'Objective', 'Supervised',
+           'create_objective']

@@ -27,6 +27,7 @@ class Objective:
     """
 
     model: nn.Module
+    self_supervised = False  # True: no labels used; the loop adds the linear few-shot eval (config.fewshot)
 
     def init(self, rng: jax.Array, image_size: int) -> Any:
         """The objective's own trained parameters (boxed with logical axes, like a model's ``init``)."""

@@ -80,6 +80,27 @@ def base_config() -> ml_collections.ConfigDict:
         fusion='logit_mean',         # eval of two heads: 'logit_mean' (DeiT's code) | 'softmax_sum' (DeiT's paper)
         preset='',                   # 'paper': soft, tau 3.0, alpha 0.1, KL per image (DeiT section 5.2, eq. 2)
     ))
+    # Masked patch prediction (ViT appendix B.1.2): 50% of patches corrupted, 80% [mask] / 10% random / 10% kept.
+    c.mpp = ml_collections.ConfigDict(dict(
+        target='mean_colour',        # 'mean_colour' (512 classes) | 'downsampled' (4x4 x 512) | 'pixels' (L2)
+        corruption_rate=0.5, mask_prob=0.8, random_prob=0.1,
+        bits=3,                      # per channel: class = r * 64 + g * 8 + b of bins min(floor(v * 8), 7)
+    ))
+    # MAE (facebookresearch/mae main_pretrain.py / models_mae.py defaults for ViT-B).
+    c.mae = ml_collections.ConfigDict(dict(
+        mask_ratio=0.75,             # --mask_ratio
+        decoder_width=512, decoder_depth=8, decoder_heads=16,  # mae_vit_base_patch16_dec512d8b
+        norm_pix_loss=True,          # --norm_pix_loss (the README's pretraining command sets it)
+    ))
+    # Linear few-shot eval on frozen pre-logits (big_vision evaluators/fewshot_lsr.py): every eval_every steps for
+    # self-supervised objectives ('auto'), or 'on' / 'off'.
+    c.fewshot = ml_collections.ConfigDict(dict(
+        enabled='auto',
+        shots=(1, 5, 10, 25),
+        l2_reg=2.0 ** 10,
+        seeds=3,
+        train_split='',              # '': config.train_split (the examples drawn per class); tested on eval_split
+    ))
 
     # Fine-tuning: start from pretrained weights (any format vit_jax.checkpoints reads, or a vit_jax workdir).
     # A new zero-initialised head when the class count differs, position embeddings resized ('bilinear' as

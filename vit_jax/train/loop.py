@@ -12,6 +12,7 @@ Writes to ``workdir``: ``checkpoints/`` (orbax, the last ``keep_checkpoints``; a
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import math
 import os
@@ -26,7 +27,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from vit_jax import checkpoints, data, models, sharding
+from vit_jax import checkpoints, data, fewshot, models, sharding
 from vit_jax.objectives import create_objective
 from vit_jax.train import checkpointing
 from vit_jax.train.optim import create_optimizer
@@ -88,8 +89,10 @@ def _device_batches(it: Iterator[dict], mesh, size: int = 2) -> Iterator[dict]:
         yield queue.popleft()
 
 
-def evaluate(eval_step, objective, state: TrainState, config, mesh, use_ema: bool) -> dict[str, float]:
-    """The objective's eval metrics (loss, top-1, top-5, ...) over the whole eval split (padding masked out).
+def evaluate(eval_step, objective, state: TrainState, config, mesh, use_ema: bool,
+             fewshot_features=None, num_classes: int = 0) -> dict[str, float]:
+    """The objective's eval metrics (loss, top-1, top-5, ...) over the whole eval split (padding masked out), and
+    the linear few-shot accuracies when ``fewshot_features`` is given (``vit_jax.fewshot``).
 
     With EMA the averaged parameters are evaluated (they are what T2T reports and releases).
     """
@@ -100,7 +103,10 @@ def evaluate(eval_step, objective, state: TrainState, config, mesh, use_ema: boo
         step_sums = eval_step(params, state.objective_params, state.frozen, batch)
         sums = step_sums if sums is None else jax.tree.map(jnp.add, sums, step_sums)
     totals = {k: float(v) for k, v in jax.device_get(sums or {}).items()}
-    return objective.eval_metrics(totals)
+    metrics = objective.eval_metrics(totals)
+    if fewshot_features is not None:
+        metrics.update(fewshot.evaluate(fewshot_features, params, config, mesh, _device_batches, num_classes))
+    return metrics
 
 
 class MetricsLog:
@@ -190,6 +196,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_step = make_train_step(objective, tx, shardings, mesh, schedule, config.seed, opt.ema_decay, accumulation,
                                  microbatches=int(opt.microbatches))
     eval_step = make_eval_step(objective, mesh, shardings)
+    if config.fewshot.enabled not in ('auto', 'on', 'off'):
+        raise ValueError(f'config.fewshot.enabled={config.fewshot.enabled!r} is not one of (auto, on, off).')
+    fewshot_on = config.fewshot.enabled == 'on' or (config.fewshot.enabled == 'auto' and objective.self_supervised)
+    features = fewshot.representation_fn(model, mesh, shardings.params) if fewshot_on else None
+    evaluate_all = functools.partial(evaluate, eval_step, objective, fewshot_features=features,
+                                     num_classes=info.num_classes)
     batches = _device_batches(data.train_iterator(config, seed=config.seed, start_step=start_step,
                                                   process_index=jax.process_index(),
                                                   process_count=jax.process_count()), mesh)
@@ -217,7 +229,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if step % config.log_every == 0 or last:
                 logged.update(_summarise(pending, manager))
             if step % config.eval_every == 0 or last:
-                eval_metrics = evaluate(eval_step, objective, state, config, mesh, use_ema)
+                eval_metrics = evaluate_all(state, config, mesh, use_ema)
                 logged.update(eval_metrics)
             if logged:
                 writer.write_scalars(step, logged)
@@ -228,7 +240,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if preempted:  # saved above; main exits 143 so that schedulers and `make demo` see an unfinished run
                 raise checkpointing.Preempted(step, os.fspath(manager.directory))
         if start_step == total_steps:  # a finished workdir: report its result instead of nothing
-            eval_metrics = evaluate(eval_step, objective, state, config, mesh, use_ema)
+            eval_metrics = evaluate_all(state, config, mesh, use_ema)
         if step == total_steps and not preempted:
             manager.wait_until_finished()
             _write_done(workdir, step, eval_metrics)
