@@ -27,7 +27,14 @@ from vit_jax import console  # noqa: E402
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'A config file in configs/ (NAME.py[:arg]).', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Where checkpoints, TensorBoard events and metrics.jsonl go.')
-flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (multi-host TPU pods, GPU clusters).')
+flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (multi-host TPU pods, GPU clusters): '
+                  'the same command on every host.')
+flags.DEFINE_string('coordinator_address', None, 'With --distributed: HOST:PORT of process 0 (else '
+                    '$JAX_COORDINATOR_ADDRESS; found by JAX itself on Cloud TPU, SLURM, Open MPI and Kubernetes).')
+flags.DEFINE_integer('num_processes', None, 'With --distributed: how many processes (else $JAX_NUM_PROCESSES or the '
+                     'cluster\'s own).')
+flags.DEFINE_integer('process_id', None, 'With --distributed: this process\'s index, 0 to num_processes - 1 (else '
+                     '$JAX_PROCESS_ID or the cluster\'s own).')
 flags.DEFINE_bool('verbose', False, f'On an error, print the traceback too (or set {console.VERBOSE_ENV}=1).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -41,7 +48,8 @@ def _train(config, workdir: str) -> int:
     console.import_tensorflow_quietly()
     import jax
     if FLAGS.distributed:
-        jax.distributed.initialize()
+        from vit_jax import distributed
+        distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     from vit_jax.train.loop import train_and_evaluate
     logging.info('JAX devices: %s (process %d of %d)', jax.devices(), jax.process_index(), jax.process_count())
     metrics = train_and_evaluate(config, workdir)

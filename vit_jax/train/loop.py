@@ -16,7 +16,6 @@ import functools
 import json
 import math
 import os
-import signal
 from typing import Any, Iterator
 
 import jax
@@ -26,13 +25,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers, periodic_actions
+from flax.core import meta
 
-from vit_jax import checkpoints, data, fewshot, models, sharding
+from vit_jax import checkpoints, data, distributed, fewshot, models, sharding, workdir as workdir_lib
 from vit_jax.objectives import create_objective
 from vit_jax.train import checkpointing
 from vit_jax.train.optim import create_optimizer
 from vit_jax.train.validate import validate_config
-from vit_jax.train.step import (TrainState, abstract_state, init_state, make_eval_step, make_train_step,
+from vit_jax.train.step import (TrainState, _model_init, abstract_state, init_state, make_eval_step, make_train_step,
                                 place_frozen, state_shardings)
 
 
@@ -113,17 +113,17 @@ class MetricsLog:
     """``metrics.jsonl``: one object per logged step. On resume, lines after the restored step are dropped."""
 
     def __init__(self, path: str, resume_step: int):
-        self.path = path
-        if os.path.exists(path):
-            with open(path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)['step'] <= resume_step]
-            with open(path, 'w') as f:
-                f.writelines(kept)
+        self.path = workdir_lib.path(path)
+        self.writer = jax.process_index() == 0  # one file for the whole job: the other processes never touch it
+        text = workdir_lib.read_text(self.path) if self.writer else None
+        if text is not None:
+            kept = [line + '\n' for line in text.splitlines()
+                    if line.strip() and json.loads(line)['step'] <= resume_step]
+            workdir_lib.write_atomic(self.path, ''.join(kept))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
-        if jax.process_index() == 0:
-            with open(self.path, 'a') as f:
-                f.write(json.dumps({'step': step, **metrics}) + '\n')
+        if self.writer:
+            workdir_lib.append_line(self.path, json.dumps({'step': step, **metrics}))
 
 
 def _check_finite(pending: list[tuple[int, dict]], manager: ocp.CheckpointManager) -> None:
@@ -161,7 +161,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     validate_config(config, total_steps)  # warmup against a length that num_epochs gave
     checkpointing.check_total_steps(config, total_steps, workdir)
     objective = create_objective(config, model, info.num_classes)
-    os.makedirs(workdir, exist_ok=True)
+    workdir_lib.path(workdir).mkdir(parents=True, exist_ok=True)  # a local folder or a bucket (gs://) alike
     opt = config.optimizer
     accumulation = max(int(opt.accumulation_steps), 1)
     tx, schedule = create_optimizer(opt, total_steps // accumulation)
@@ -169,7 +169,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     frozen = objective.load_frozen()  # read from its source at every start: a workdir never holds it
 
     manager = ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, 'checkpoints')),
+        workdir_lib.path(workdir) / 'checkpoints',
         options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
     latest = manager.latest_step()
     shardings = state_shardings(model, tx, mesh, config.image_size, use_ema, objective)
@@ -181,10 +181,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     else:
         state, shardings = init_state(model, tx, mesh, config.image_size, config.seed, use_ema, objective, frozen)
         if config.init_from.path:
-            state = _init_from_pretrained(state, shardings, model, config.init_from)
+            state = _init_from_pretrained(state, shardings, model, config.init_from, config.image_size, config.seed)
     start_step = int(jax.device_get(state.step))
 
-    log = MetricsLog(os.path.join(workdir, 'metrics.jsonl'), start_step)
+    log = MetricsLog(workdir_lib.path(workdir) / 'metrics.jsonl', start_step)
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     if start_step == 0:
         writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
@@ -211,8 +211,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if config.profile and jax.process_index() == 0:
         hooks.append(periodic_actions.Profile(num_profile_steps=5, logdir=workdir))
 
-    preempted = []
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+    watch = distributed.PreemptionWatch().start()  # SIGTERM to any process: all of them save one step and stop
+    preempted = False
     pending: list[tuple[int, dict]] = []
     eval_metrics: dict[str, float] = {}
     try:
@@ -234,6 +234,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if logged:
                 writer.write_scalars(step, logged)
                 log.write(step, logged)
+            preempted = watch(step)  # every step, in every process: the processes agree on the step to stop at
             if step % config.checkpoint_every == 0 or last or preempted:
                 _check_finite(pending, manager)  # never save a state that came from a non-finite loss
                 checkpointing.save(manager, step, state.to_save())  # waits: a failure names its step
@@ -245,7 +246,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             manager.wait_until_finished()
             _write_done(workdir, step, eval_metrics)
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        watch.stop()
         manager.wait_until_finished()
         writer.flush()
     return eval_metrics
@@ -254,21 +255,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def _write_done(workdir: str, step: int, eval_metrics: dict[str, float]) -> None:
     """``DONE``, written last (atomically) by a finished run: sweeps skip its workdir."""
     if jax.process_index() == 0:
-        tmp = os.path.join(workdir, 'DONE.tmp')
-        with open(tmp, 'w') as f:
-            json.dump({'step': step, **eval_metrics}, f)
-        os.replace(tmp, os.path.join(workdir, 'DONE'))
+        workdir_lib.write_atomic(workdir_lib.path(workdir) / 'DONE', json.dumps({'step': step, **eval_metrics}))
 
 
-def _init_from_pretrained(state: TrainState, shardings: TrainState, model, init_from) -> TrainState:
-    """Fine-tuning: the pretrained weights, adapted to this model, replace the initial parameters (and EMA)."""
-    params = checkpoints.load_pretrained(init_from.path, model, jax.device_get(state.params), init_from.format,
-                                         init_from.posemb_resize, init_from.skip, log=logging.info)
-    params = jax.device_put(params, shardings.params)
+def _init_from_pretrained(state: TrainState, shardings: TrainState, model, init_from, image_size: int,
+                          seed: int) -> TrainState:
+    """Fine-tuning: the pretrained weights, adapted to this model, replace the initial parameters (and EMA).
+
+    Loaded and adapted on the host, then each device takes its own slices: parameters sharded over hosts are never
+    gathered (``jax.device_get`` of them fails where a process does not hold every shard).
+    """
+    params = checkpoints.load_pretrained(init_from.path, model, _host_init_params(model, image_size, seed),
+                                         init_from.format, init_from.posemb_resize, init_from.skip, log=logging.info)
+    params = jax.tree.map(lambda x, ref, s: jax.make_array_from_callback(
+        ref.shape, s, lambda idx, x=np.asarray(x, ref.dtype): x[idx]), params, state.params, shardings.params)
     logging.info('Initialised from %s.', init_from.path)
     # The EMA starts from its own copy: the donated step must not see one buffer twice.
     ema = jax.tree.map(jnp.copy, params) if state.ema_params is not None else None
     return state.replace(params=params, ema_params=ema)
+
+
+def _host_init_params(model, image_size: int, seed: int) -> Any:
+    """The initial parameters (the new head, ``skip``'s) as host arrays, computed on this process's first device.
+
+    The same values as the sharded state's: init_state draws them from the same key, and JAX's partitionable
+    threefry makes random numbers independent of the sharding.
+    """
+    with jax.default_device(jax.local_devices()[0]):
+        params = jax.jit(functools.partial(_model_init, model, image_size))(jax.random.key(seed))
+    return jax.device_get(meta.unbox(params))
 
 
 def _flatten(d: dict[str, Any], prefix: str = '') -> dict[str, Any]:
