@@ -78,3 +78,27 @@ def test_recommended_tunables_match_the_machine():
     assert TUNABLES[:3] == list(host_memory.TUNABLES)
     huge = host_memory.glibc_version() >= (2, 35) and host_memory.transparent_huge_pages() in ('always', 'madvise')
     assert (host_memory.HUGE_PAGES in TUNABLES) == huge
+
+
+@needs_glibc
+@pytest.mark.parametrize('platforms, reexecs', [('cuda', False), ('tpu', False), ('gpu,cpu', False), ('cpu', True),
+                                                ('', True)])
+def test_reexecutes_only_where_the_backend_is_the_cpu(monkeypatch, platforms, reexecs):
+    calls = []
+    monkeypatch.setattr(os, 'execve', lambda path, argv, env: calls.append(env['GLIBC_TUNABLES']))
+    monkeypatch.delenv('GLIBC_TUNABLES', raising=False)
+    monkeypatch.delenv('VIT_JAX_MALLOC', raising=False)
+    monkeypatch.setenv('JAX_PLATFORMS', platforms)
+    host_memory.configure_malloc()
+    # This machine has no GPU / TPU plugin and device: with JAX_PLATFORMS unset, JAX runs on its CPU.
+    assert calls == ([':'.join(TUNABLES)] if reexecs else [])
+
+
+def test_an_accelerator_needs_its_plugin_and_its_device(monkeypatch):
+    monkeypatch.delenv('JAX_PLATFORMS', raising=False)
+    assert host_memory.accelerator_backend() is None  # this machine: no jax[cuda12] / jax[tpu]
+    monkeypatch.setattr(host_memory.importlib.util, 'find_spec', lambda name: name == 'jax_cuda12_plugin' or None)
+    monkeypatch.setattr(host_memory.glob, 'glob', lambda pattern: ['/dev/nvidia0'] if 'nvidia' in pattern else [])
+    assert host_memory.accelerator_backend() == 'gpu'
+    monkeypatch.setattr(host_memory.glob, 'glob', lambda pattern: [])
+    assert host_memory.accelerator_backend() is None  # the plugin without a GPU: JAX falls back to the CPU

@@ -18,11 +18,14 @@ glibc reads tunables only when a process starts, so the command-line entry point
 ``python -m vit_jax.bench``) re-execute themselves once with them, before their heavy imports (so ``make demo``
 trains with them). ``make test`` does not set them for its own process: its models are tiny and compile-bound.
 Set ``VIT_JAX_MALLOC=0`` to opt out; a ``GLIBC_TUNABLES`` that already names any ``glibc.malloc`` tunable is left
-as it is.
+as it is. Only where JAX's backend is the CPU: on a GPU or TPU host (``accelerator_backend()``, read without
+importing JAX) the step's buffers live on the device, and nothing is changed.
 """
 
 from __future__ import annotations
 
+import glob
+import importlib.util
 import os
 import sys
 
@@ -69,6 +72,24 @@ def malloc_configured() -> bool:
     return bool(wanted) and all(t in current for t in wanted)
 
 
+def accelerator_backend() -> str | None:
+    """'gpu' or 'tpu' where JAX will run on one, else None (the CPU), decided before JAX is imported.
+
+    ``JAX_PLATFORMS`` decides where set; else an accelerator is JAX's backend when its plugin is installed
+    (``jax[cuda12]``, ``jax[tpu]``) and its device is present.
+    """
+    platforms = os.environ.get('JAX_PLATFORMS', '').strip().lower()
+    if platforms:  # JAX tries them in order: the first is the default backend
+        first = platforms.split(',')[0]
+        return None if first == 'cpu' else ('tpu' if first == 'tpu' else 'gpu')
+    installed = lambda *names: any(importlib.util.find_spec(n) is not None for n in names)  # noqa: E731
+    if installed('jax_cuda12_plugin', 'jax_cuda13_plugin') and glob.glob('/dev/nvidia[0-9]*'):
+        return 'gpu'
+    if installed('libtpu') and (glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*')):
+        return 'tpu'
+    return None
+
+
 def configure_malloc() -> None:
     """Re-executes this command once with the recommended tunables; returns at once where that is not needed.
 
@@ -77,6 +98,8 @@ def configure_malloc() -> None:
     tunables = os.environ.get('GLIBC_TUNABLES', '')
     wanted = recommended_tunables()
     if not wanted or os.environ.get('VIT_JAX_MALLOC', '1') == '0' or 'glibc.malloc.' in tunables:
+        return
+    if accelerator_backend() is not None:  # XLA's buffers are the device's there: the host's malloc is not the cost
         return
     env = dict(os.environ, GLIBC_TUNABLES=':'.join(([tunables] if tunables else []) + wanted))
     sys.stdout.flush()
