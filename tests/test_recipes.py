@@ -52,6 +52,22 @@ VIT_PAPER = {
     'optimizer.grad_clip_norm': 1.0, 'augment.eval_resize': 'square',
 }
 EXPECTED = {
+    # ViT paper appendix B.1.2: Adam lr 2e-4, 10k warmup, cosine, batch 4096, 1M steps; 50% corrupted, 80/10/10.
+    'mpp_vit_b16': {'objective': 'masked_patch_prediction', 'batch_size': 4096, 'total_steps': 1_000_000,
+                    'optimizer.learning_rate': 2e-4, 'optimizer.warmup_steps': 10_000, 'optimizer.schedule': 'cosine',
+                    'mpp.corruption_rate': 0.5, 'mpp.mask_prob': 0.8, 'mpp.random_prob': 0.1,
+                    'mpp.target': 'mean_colour'},
+    'finetune_from_mpp': {'model_name': 'vit_b16', 'image_size': 384, 'optimizer.learning_rate': 0.03},
+    # mae main_pretrain.py (PRETRAIN.md): 800 epochs, batch 4096, blr 1.5e-4, betas (0.9, 0.95), wd 0.05, 40 warmup.
+    'mae_vit_b16': {'objective': 'mae', 'batch_size': 4096, 'total_steps': 800 * 312, 'optimizer.b2': 0.95,
+                    'optimizer.learning_rate': 2.4e-3, 'optimizer.weight_decay': 0.05,
+                    'optimizer.warmup_steps': 40 * 312, 'mae.mask_ratio': 0.75, 'mae.decoder_width': 512,
+                    'mae.decoder_depth': 8, 'mae.decoder_heads': 16, 'mae.norm_pix_loss': True,
+                    'augment.crop_scale': (0.2, 1.0)},
+    # mae main_finetune.py (FINETUNE.md ViT-B): 100 epochs, batch 1024, blr 5e-4, layer decay 0.65, drop path 0.1.
+    'finetune_from_mae': {'batch_size': 1024, 'total_steps': 100 * 1251, 'optimizer.learning_rate': 2e-3,
+                          'optimizer.layer_decay': 0.65, 'model.drop_path_rate': 0.1, 'model.classifier': 'gap',
+                          'optimizer.end_learning_rate': 1e-6, 'augment.mixup_alpha': 0.8},
     'deit_s16': dict(DEIT, model_name='deit_s16'),
     'deit_b16': dict(DEIT, model_name='deit_b16'),
     # DeiT README's distillation command: --distillation-type hard --distillation-alpha 0.5 --distillation-tau 1.0.

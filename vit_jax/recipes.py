@@ -172,6 +172,69 @@ SOURCES: dict[str, Source] = {
             'accum_steps=8 only splits the batch of 512 for memory: the same update as '
             '--config.optimizer.microbatches=8, left at 1.',
         )),
+    'mpp_vit_b16': Source(
+        cites='ViT paper appendix B.1.2 (masked patch prediction; no released code) and table 3 for what B.1.2 '
+              'leaves unstated',
+        published='ViT paper section 4.6: ViT-B/16 79.9 on ImageNet after MPP on JFT-300M and fine-tuning',
+        values={
+            'model_name': 'vit_b16', 'objective': 'masked_patch_prediction', 'batch_size': 4096, 'image_size': 224,
+            'total_steps': 1_000_000, 'mpp.target': 'mean_colour', 'mpp.corruption_rate': 0.5,
+            'mpp.mask_prob': 0.8, 'mpp.random_prob': 0.1, 'mpp.bits': 3,
+            'optimizer.name': 'adam', 'optimizer.learning_rate': 2e-4, 'optimizer.warmup_steps': 10_000,
+            'optimizer.schedule': 'cosine', 'optimizer.end_learning_rate': 0.0,
+            'augment.crop': 'inception', 'augment.flip': True,
+        },
+        differences=(
+            'Pretraining data: JFT-300M in the paper (not public); ImageNet-21k here.',
+            'Weight decay, dropout and clipping are not stated for MPP: table 3\'s ImageNet-21k values are kept.',
+            'Which output token predicts a patch, and the head\'s shape, are not stated: each corrupted patch\'s own '
+            'encoded token through one linear layer.',
+        )),
+    'finetune_from_mpp': Source(
+        cites='vision_transformer vit_jax/configs/common.py (as finetune_vit_b16), from an MPP workdir',
+        published='ViT paper section 4.6: 79.9',
+        values={'model_name': 'vit_b16', 'image_size': 384, 'optimizer.name': 'sgd', 'optimizer.learning_rate': 0.03,
+                'total_steps': 20_000, 'init_from.format': 'vit_jax'},
+        differences=('The paper does not give its MPP fine-tuning recipe: vision_transformer\'s is used.',)),
+    'mae_vit_b16': Source(
+        cites='facebookresearch/mae main_pretrain.py (PRETRAIN.md command), models_mae.py '
+              '(mae_vit_base_patch16_dec512d8b), util/lr_sched.py, util/pos_embed.py',
+        published='MAE paper table 3 / FINETUNE.md: ViT-B 83.6 after fine-tuning',
+        values={
+            'model_name': 'deit_b16', 'objective': 'mae', 'model.posemb': 'sincos2d', 'model.drop_path_rate': 0.0,
+            'batch_size': 4096, 'total_steps': 800 * (IMAGENET_TRAIN_EXAMPLES // 4096),
+            'mae.mask_ratio': 0.75, 'mae.decoder_width': 512, 'mae.decoder_depth': 8, 'mae.decoder_heads': 16,
+            'mae.norm_pix_loss': True, 'optimizer.name': 'adamw', 'optimizer.learning_rate': 1.5e-4 * 4096 / 256,
+            'optimizer.b1': 0.9, 'optimizer.b2': 0.95, 'optimizer.weight_decay': 0.05,
+            'optimizer.weight_decay_mode': 'lr', 'optimizer.schedule': 'cosine',
+            'optimizer.warmup_steps': 40 * (IMAGENET_TRAIN_EXAMPLES // 4096), 'optimizer.end_learning_rate': 0.0,
+            'augment.crop_scale': (0.2, 1.0), 'augment.interpolation': 'bicubic', 'augment.flip': True,
+            'augment.randaugment_magnitude': 0, 'augment.mixup_alpha': 0.0, 'augment.random_erasing': 0.0,
+            'augment.repeated_augmentation': 1, 'augment.normalization': 'imagenet',
+        },
+        differences=(
+            'The encoder\'s fixed sin-cos frequencies are big_vision\'s, 1/10000^(k/(D/4 - 1)), where '
+            'util/pos_embed.py has 1/10000^(k/(D/4)); the decoder\'s are MAE\'s.',
+            'Parameter initialisers are vit_jax.models\' (xavier dense, zero head); timm\'s Block init differs in '
+            'the tokens (normal .02 both).',
+        )),
+    'finetune_from_mae': Source(
+        cites='facebookresearch/mae main_finetune.py (FINETUNE.md ViT-B command), util/lr_decay.py, '
+              'util/lr_sched.py',
+        published='MAE FINETUNE.md: ViT-B 83.6',
+        values={
+            'model_name': 'deit_b16', 'model.classifier': 'gap', 'model.posemb': 'sincos2d',
+            'model.drop_path_rate': 0.1, 'batch_size': 1024, 'total_steps': 100 * (IMAGENET_TRAIN_EXAMPLES // 1024),
+            'optimizer.name': 'adamw', 'optimizer.learning_rate': 5e-4 * 1024 / 256, 'optimizer.layer_decay': 0.65,
+            'optimizer.weight_decay': 0.05, 'optimizer.schedule': 'cosine', 'optimizer.end_learning_rate': 1e-6,
+            'optimizer.warmup_steps': 5 * (IMAGENET_TRAIN_EXAMPLES // 1024), 'augment.mixup_alpha': 0.8,
+            'augment.cutmix_alpha': 1.0, 'augment.label_smoothing': 0.1, 'augment.random_erasing': 0.25,
+            'augment.randaugment_magnitude': 9, 'augment.repeated_augmentation': 1, 'init_from.format': 'vit_jax',
+        },
+        differences=_TIMM_COMMON + (
+            'Global pooling: MAE normalises after the mean (fc_norm), our gap before it.',
+            'The head starts at zero, MAE\'s at trunc_normal(2e-5).',
+        )),
 }
 
 _BIG_VISION = {

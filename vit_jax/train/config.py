@@ -129,6 +129,7 @@ def base_config() -> ml_collections.ConfigDict:
         microbatches=1,          # each step's batch computed in this many slices in turn: the same update,
                                  # ~1/microbatches of the activation memory (and on CPU, faster: in cache)
         ema_decay=0.0,           # EMA of parameters (T2T: 0.99996), 0 = off
+        layer_decay=0.0,         # layer-wise lr decay (MAE / BEiT fine-tuning: 0.65 for ViT-B), 0 = off
     ))
     c.total_steps = 0            # > 0 wins over num_epochs
     c.num_epochs = 1.0

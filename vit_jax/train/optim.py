@@ -158,12 +158,69 @@ def create_optimizer(opt: ml_collections.ConfigDict, total_steps: int) -> tuple[
         if mode == 'lr' and decay:
             chain.append(decay)  # optax.adamw's order: Adam's direction + w * p, both times -lr(t)
         chain.append(optax.scale_by_learning_rate(schedule))
+    if opt.get('layer_decay', 0.0):
+        chain.append(layerwise_lr_decay(opt.layer_decay))
     tx = optax.chain(*chain)
     # Frozen tensors of the originals (T2T's sinusoid table, Performer features) are never updated.
     tx = optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, _frozen_labels)
     if opt.accumulation_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=opt.accumulation_steps)
     return tx, schedule
+
+
+def layer_id(names: tuple[str, ...], num_layers: int) -> int | None:
+    """MAE util/lr_decay.py ``get_layer_id_for_vit``: embeddings 0, block i i + 1, the rest num_layers + 1.
+
+    None for the stacked blocks of ``scan_layers`` (one id per slice of their leading axis).
+    """
+    if names and names[0] == 'model':  # the train step's {'model': ..., 'objective': ...}
+        names = names[1:]
+    elif names and names[0] == 'objective':  # an objective's own parameters (MAE's decoder): the top layer
+        return num_layers + 1
+    if not names:
+        return num_layers + 1
+    if names[0] in ('class_token', 'pos_embed', 'distillation_token', 'sinusoid_pos_embed', 'patch_embed',
+                    'tokens_to_token', 'resnet'):
+        return 0
+    if len(names) > 1 and names[0] == 'encoder' and names[1].startswith('block_'):
+        return int(names[1].split('_')[1]) + 1
+    if len(names) > 1 and names[0] == 'encoder' and names[1] == 'blocks':
+        return None
+    return num_layers + 1
+
+
+def layerwise_lr_decay(decay: float) -> optax.GradientTransformation:
+    """Scales each update by decay^(L + 1 - layer_id) (MAE util/lr_decay.py ``param_groups_lrd``, BEiT, ELECTRA).
+
+    Applied after the learning rate and the decoupled weight decay, so both scale, as torch AdamW's per-group lr
+    does. L is the model's depth, read from the tree (its ``block_i`` names or the stacked blocks' leading axis).
+    """
+
+    def depth(tree) -> int:
+        flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+        depths = [0]
+        for path, leaf in flat:
+            names = param_names(path)
+            for i, name in enumerate(names[:-1]):
+                if name == 'encoder' and names[i + 1].startswith('block_'):
+                    depths.append(int(names[i + 1].split('_')[1]) + 1)
+                elif name == 'encoder' and names[i + 1] == 'blocks':
+                    depths.append(leaf.shape[0])
+        return max(depths)
+
+    def update_fn(updates, state, params=None):
+        num_layers = depth(updates)
+
+        def scale(path, u):
+            i = layer_id(param_names(path), num_layers)
+            if i is None:  # scanned blocks: slice j is block j
+                ids = jnp.arange(1, u.shape[0] + 1).reshape((-1,) + (1,) * (u.ndim - 1))
+                return u * (decay ** (num_layers + 1 - ids)).astype(u.dtype)
+            return u * jnp.asarray(decay ** (num_layers + 1 - i), u.dtype)
+
+        return jax.tree_util.tree_map_with_path(scale, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
 def ema_update(ema: Any, params: Any, decay: float) -> Any:
