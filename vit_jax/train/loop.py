@@ -258,6 +258,19 @@ def _write_done(workdir: str, step: int, eval_metrics: dict[str, float]) -> None
         workdir_lib.write_atomic(workdir_lib.path(workdir) / 'DONE', json.dumps({'step': step, **eval_metrics}))
 
 
+def _pretraining_objective(path: str) -> str | None:
+    """The objective a vit_jax workdir was trained with (its config.json, from the workdir, checkpoints/ or a step)."""
+    for folder in (path, os.path.join(path, os.pardir), os.path.join(path, os.pardir, os.pardir)):
+        candidate = os.path.join(folder, 'config.json')
+        if os.path.isfile(candidate):
+            try:
+                with open(candidate) as f:
+                    return json.load(f).get('objective', 'supervised')
+            except (OSError, ValueError):
+                return None
+    return None
+
+
 def _init_from_pretrained(state: TrainState, shardings: TrainState, model, init_from, image_size: int,
                           seed: int) -> TrainState:
     """Fine-tuning: the pretrained weights, adapted to this model, replace the initial parameters (and EMA).
@@ -270,6 +283,10 @@ def _init_from_pretrained(state: TrainState, shardings: TrainState, model, init_
     params = jax.tree.map(lambda x, ref, s: jax.make_array_from_callback(
         ref.shape, s, lambda idx, x=np.asarray(x, ref.dtype): x[idx]), params, state.params, shardings.params)
     logging.info('Initialised from %s.', init_from.path)
+    pretraining = _pretraining_objective(init_from.path)
+    if pretraining not in (None, 'supervised'):
+        logging.info('Dropped the %s objective\'s own parameters of %s (they are not the encoder\'s): only the '
+                     'model\'s parameters are fine-tuned.', pretraining, init_from.path)
     # The EMA starts from its own copy: the donated step must not see one buffer twice.
     ema = jax.tree.map(jnp.copy, params) if state.ema_params is not None else None
     return state.replace(params=params, ema_params=ema)
