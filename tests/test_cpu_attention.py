@@ -8,6 +8,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vit_jax import models, sharding
 from vit_jax.kernels import cpu_attention
+from vit_jax.models import encoder
 from vit_jax.models.encoder import softmax_attention
 
 
@@ -118,3 +119,63 @@ def test_build_failure_names_the_compiler_error(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match='/bin/false .* failed'):
         cpu_attention.build()
     assert not list(tmp_path.glob('*.so'))
+
+
+def _tiny_vit(**overrides):
+    return models.create_model('vit_ti16', num_classes=10, image_size=32, patch_size=8, hidden_size=64,
+                               num_layers=1, num_heads=2, mlp_dim=128, **overrides)
+
+
+def test_attention_impl_is_a_field_that_jit_sees():
+    """'auto' on CPU in float32 runs the kernel, 'xla' XLA's ops: the same numbers, and one jitted function traces
+    each model afresh (the choice is part of the model, not a global read at trace time)."""
+    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    auto, xla = _tiny_vit(), _tiny_vit(attention_impl='xla')
+    params = auto.init(jax.random.key(1), x)
+    apply = jax.jit(lambda model, p, x: model.apply(p, x), static_argnums=0)
+    assert 'vit_attention_forward' in apply.lower(auto, params, x).as_text()
+    assert 'vit_attention' not in apply.lower(xla, params, x).as_text()
+    np.testing.assert_allclose(apply(auto, params, x), apply(xla, params, x), atol=1e-5, rtol=1e-5)
+    assert 'vit_attention_forward' in apply.lower(_tiny_vit(attention_impl='cpu_kernel'), params, x).as_text()
+
+
+def test_impossible_attention_impl_names_why_and_the_fix():
+    x = jnp.zeros((1, 32, 32, 3))
+    with pytest.raises(ValueError, match="attention_impl='cudnn' needs a GPU .* backend cpu, dtype float32, head dim "
+                                         "32.*attention_impl='auto'"):
+        _tiny_vit(attention_impl='cudnn').init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="attention_impl='cpu_kernel' needs .* dtype bfloat16"):
+        _tiny_vit(attention_impl='cpu_kernel', dtype='bfloat16').init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"attention_impl='flash' is not one of \('auto', 'xla', 'cudnn'"):
+        _tiny_vit(attention_impl='flash')
+
+
+class _FakeGpu:
+    def __init__(self, capability):
+        self.compute_capability = capability
+
+
+@pytest.mark.parametrize('capability, dtype, head_dim, expected', [
+    ('9.0', 'bfloat16', 64, 'cudnn'), ('8.0', 'float16', 128, 'cudnn'), ('9.0', 'bfloat16', 256, 'cudnn'),
+    ('8.0', 'bfloat16', 256, 'xla'),  # > 128 before Hopper
+    ('9.0', 'float32', 64, 'xla'), ('9.0', 'bfloat16', 20, 'xla'), ('7.5', 'bfloat16', 64, 'xla')])
+def test_auto_on_gpu_is_cudnn_where_it_can_run(monkeypatch, capability, dtype, head_dim, expected):
+    monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+    monkeypatch.setattr(jax, 'devices', lambda *a: [_FakeGpu(capability)])
+    assert encoder.resolve_attention('auto', jnp.dtype(dtype), head_dim) == expected
+
+
+def test_cudnn_is_asked_for_explicitly(monkeypatch):
+    """jax.nn.dot_product_attention's default (implementation=None) is XLA's attention in this jax: 'auto' on a GPU
+    in bfloat16 must name cuDNN."""
+    calls = []
+    monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+    monkeypatch.setattr(jax, 'devices', lambda *a: [_FakeGpu('9.0')])
+    monkeypatch.setattr(jax.nn, 'dot_product_attention',
+                        lambda q, k, v, scale, implementation: calls.append(implementation) or q)
+    model, x = _tiny_vit(dtype='bfloat16'), jnp.zeros((1, 32, 32, 3))
+    params = jax.eval_shape(model.init, jax.random.key(0), x)  # init takes the maps' path (all collections mutable)
+    jax.eval_shape(model.apply, params, x)
+    monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')
+    jax.eval_shape(model.apply, params, x)
+    assert calls == ['cudnn', 'xla']

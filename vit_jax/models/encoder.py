@@ -104,6 +104,43 @@ class MlpBlock(nn.Module):
         return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
 
 
+ATTENTION_IMPLS = ('auto', 'xla', 'cudnn', 'cpu_kernel')
+CUDNN_DTYPES = ('bfloat16', 'float16')
+
+
+def _cudnn_supports(dtype, head_dim: int) -> bool:
+    """cuDNN flash attention's conditions (jax's ``check_is_flash_attention``): bf16 / fp16, head dim a multiple of 8
+    and <= 128 (256 from Hopper on), a GPU of compute capability >= 8.0 (Ampere)."""
+    if jax.default_backend() != 'gpu' or jnp.dtype(dtype).name not in CUDNN_DTYPES or head_dim % 8:
+        return False
+    capability = getattr(jax.devices()[0], 'compute_capability', '0.0')
+    major = float(capability)
+    return major >= 8.0 and head_dim <= (256 if major >= 9.0 else 128)
+
+
+def resolve_attention(impl: str, dtype, head_dim: int) -> str:
+    """``attention_impl`` -> what runs: 'auto' is cuDNN's flash attention on a GPU where the dtype and head size
+    allow, the C++ kernel on CPU in float32, XLA's attention otherwise; an explicit choice that cannot run here
+    raises, naming why."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f'attention_impl={impl!r} is not one of {ATTENTION_IMPLS}.')
+    if impl == 'auto':
+        if _cudnn_supports(dtype, head_dim):
+            return 'cudnn'
+        return 'cpu_kernel' if cpu_attention.supports(dtype, head_dim) else 'xla'
+    if impl == 'cudnn' and not _cudnn_supports(dtype, head_dim):
+        raise ValueError(f'attention_impl=\'cudnn\' needs a GPU of compute capability >= 8.0 and dtype in '
+                         f'{CUDNN_DTYPES} with a head dimension that is a multiple of 8 (<= 128, or 256 on Hopper); '
+                         f'here: backend {jax.default_backend()}, dtype {jnp.dtype(dtype).name}, head dim {head_dim}. '
+                         f'Use attention_impl=\'auto\' (it falls back to XLA\'s attention) or model.dtype=bfloat16.')
+    if impl == 'cpu_kernel' and not cpu_attention.supports(dtype, head_dim):
+        raise ValueError(f'attention_impl=\'cpu_kernel\' needs the CPU backend, float32 and a head dimension that is a '
+                         f'multiple of {cpu_attention.VECTOR}, with the kernel built; here: backend '
+                         f'{jax.default_backend()}, dtype {jnp.dtype(dtype).name}, head dim {head_dim}. Use '
+                         f'attention_impl=\'auto\'.')
+    return impl
+
+
 def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
     """softmax(q k^T * scale) v for q, k, v of shape (B, H, N, dh); returns (B, H, N, dh).
 
@@ -153,11 +190,13 @@ class QKVProjection(nn.Module):
 class MultiHeadSelfAttention(nn.Module):
     """softmax(q k^T / sqrt(d_head)) v over all heads, with one fused qkv projection.
 
-    The fused ``qkv`` kernel (D, 3, H, dh) makes one matmul instead of three. On GPU / TPU attention goes through
-    ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU); on CPU through the fused C++ kernel of
+    The fused ``qkv`` kernel (D, 3, H, dh) makes one matmul instead of three. ``attention_impl`` picks the kernel
+    (``resolve_attention``): 'cudnn' is ``jax.nn.dot_product_attention(implementation='cudnn')``, cuDNN's flash
+    attention (``implementation=None`` would run XLA's in this jax); 'cpu_kernel' the fused C++ kernel of
     ``vit_jax.kernels.cpu_attention`` (float32, head dimension a multiple of 16). Both take q, k, v token-major
-    (B, N, H, dh) and give the output so, and the projections on either side are plain matmuls. Elsewhere on CPU
-    (bfloat16, say) XLA's own batched matmuls do it, head-major (``softmax_attention``). The explicit-softmax path,
+    (B, N, H, dh) and give the output so, and the projections on either side are plain matmuls. 'xla' is
+    ``jax.nn.dot_product_attention(implementation='xla')`` on GPU / TPU, and on CPU XLA's own batched matmuls,
+    head-major (``softmax_attention``). A field, not a global: jit caches on the module. The explicit-softmax path,
     head-major too, is taken when it is needed: attention dropout while training, or when the caller asks for the
     attention maps by making the ``'attention_weights'`` collection mutable
     (``model.apply(..., mutable=['attention_weights'])``).
@@ -168,6 +207,7 @@ class MultiHeadSelfAttention(nn.Module):
     attention_dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str = 'auto'
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
@@ -177,8 +217,8 @@ class MultiHeadSelfAttention(nn.Module):
         scale = dh ** -0.5
         explicit = (not deterministic and self.attention_dropout_rate > 0.0) or self.is_mutable_collection(
             'attention_weights')
-        on_cpu = jax.default_backend() == 'cpu'
-        head_major = explicit or (on_cpu and not cpu_attention.supports(self.dtype, dh))
+        impl = resolve_attention(self.attention_impl, self.dtype, dh)
+        head_major = explicit or (impl == 'xla' and jax.default_backend() == 'cpu')
         qkv = QKVProjection(h, self.qkv_bias, head_major, self.dtype, self.param_dtype, name='qkv')(x)
         if explicit:
             q, k, v = qkv  # (B, H, N, dh)
@@ -189,10 +229,11 @@ class MultiHeadSelfAttention(nn.Module):
             y = jnp.einsum('bhqk,bhkd->bhqd', weights.astype(v.dtype), v)
         elif head_major:
             y = softmax_attention(*qkv, scale)  # (B, H, N, dh)
-        elif on_cpu:
+        elif impl == 'cpu_kernel':
             y = cpu_attention.attention(qkv, scale)  # (B, N, H, dh)
         else:
-            y = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], scale=scale)
+            y = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], scale=scale,
+                                             implementation=impl)
         # The output projection contracts heads and head dims in whichever layout attention gave: a head-major
         # output written token-major first would cost a transpose of every activation (on CPU ~40% of the attention
         # block's fwd + bwd time at ViT-Ti shapes, through XLA's ops).
@@ -215,6 +256,7 @@ class EncoderBlock(nn.Module):
     layer_norm_eps: float = 1e-6
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str = 'auto'
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool, drop_path_rate: float | jax.Array | None = None):
@@ -226,7 +268,7 @@ class EncoderBlock(nn.Module):
 
         y = norm('norm1')(x)
         y = MultiHeadSelfAttention(self.num_heads, self.qkv_bias, self.attention_dropout_rate,
-                                   self.dtype, self.param_dtype, name='attn')(y, deterministic)
+                                   self.dtype, self.param_dtype, self.attention_impl, name='attn')(y, deterministic)
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
         if stochastic_depth:
             y = drop_path(y, rate, self.make_rng('dropout'))
@@ -279,13 +321,14 @@ class Encoder(nn.Module):
     remat: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str = 'auto'
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
         block_kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
                             attention_dropout_rate=self.attention_dropout_rate, qkv_bias=self.qkv_bias,
                             gelu_approximate=self.gelu_approximate, layer_norm_eps=self.layer_norm_eps,
-                            dtype=self.dtype, param_dtype=self.param_dtype)
+                            dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl)
         rates = [self.drop_path_rate * i / max(self.num_layers - 1, 1) for i in range(self.num_layers)]
         if self.scan_layers:
             block_cls = _ScannedBlock

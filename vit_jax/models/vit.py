@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax.models.encoder import Encoder, dense_bias_init, dense_kernel_init
+from vit_jax.models.encoder import ATTENTION_IMPLS, Encoder, dense_bias_init, dense_kernel_init
 from vit_jax.models.resnet import ResNetStem, check_width
 from vit_jax.models.t2t import TokensToToken, sinusoid_table
 
@@ -103,6 +103,8 @@ class VisionTransformer(nn.Module):
     # Compilation.
     scan_layers: bool = False
     remat: bool = False
+    # 'auto' | 'xla' | 'cudnn' | 'cpu_kernel' (encoder.resolve_attention); not a parameter: legal to change mid-run.
+    attention_impl: str = 'auto'
 
     def __post_init__(self):
         validate(self)
@@ -161,7 +163,8 @@ class VisionTransformer(nn.Module):
 
         self.encoder = Encoder(self.num_layers, self.num_heads, self.mlp_dim, self.dropout_rate,
                                self.attention_dropout_rate, self.drop_path_rate, self.qkv_bias, self.gelu_approximate,
-                               self.layer_norm_eps, self.scan_layers, self.remat, dtype, pdtype)
+                               self.layer_norm_eps, self.scan_layers, self.remat, dtype, pdtype,
+                               self.attention_impl)
         self.embedding_dropout = nn.Dropout(self.dropout_rate)
         dense = lambda features, name, kernel_init: nn.Dense(  # noqa: E731
             features, name=name, dtype=dtype, param_dtype=pdtype,
@@ -271,6 +274,7 @@ def validate(m: VisionTransformer) -> None:
     choice('posemb', POSEMBS)
     choice('stem', STEMS)
     choice('tokens_type', TOKENS_TYPES)
+    choice('attention_impl', ATTENTION_IMPLS)
     for field in ('dtype', 'param_dtype'):
         try:
             name = jnp.dtype(getattr(m, field)).name

@@ -43,7 +43,7 @@ INCOMPATIBLE_FIELDS = ('model_name', 'model.*', 'dataset', 'image_size', 'object
                        'optimizer.accumulation_steps')
 # Model fields that change the computation but not the parameters: legal mid-run.
 RUNTIME_MODEL_FIELDS = ('model.dropout_rate', 'model.attention_dropout_rate', 'model.drop_path_rate', 'model.dtype',
-                        'model.remat')
+                        'model.remat', 'model.attention_impl')
 
 
 class Preempted(Exception):
