@@ -195,7 +195,7 @@ def test_power_law_fit_recovers_known_parameters():
     assert fit['b'] == pytest.approx(b, rel=1e-3)
     assert fit['c'] == pytest.approx(c, rel=1e-3)
     assert fit['d'] == pytest.approx(d, rel=1e-2)
-    assert fit['rms_log_residual'] < 1e-6
+    assert fit['rms_log_residual'] < 1e-6 and fit['constrained']
 
 
 def test_power_law_fit_refuses_too_few_points():

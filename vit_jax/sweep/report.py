@@ -65,7 +65,10 @@ def fit_power_law(compute: np.ndarray, error: np.ndarray) -> dict[str, Any]:
     (a, b, c, d), cov, rms = best
     stderr = np.sqrt(np.clip(np.diag(cov), 0, None)) if np.all(np.isfinite(cov)) else np.full(4, np.inf)
     # Back to FLOPs: a (x + d)^-b = a unit^b (C + d unit)^-b.
-    return dict(fit='E = a (C + d)^-b + c', points=n, compute_unit_flops=unit,
+    # A parameter whose standard error exceeds it is not pinned down by these points (typically: few of them, or
+    # no curvature to tell the offset d from the floor c): the curve then describes the points, not a law.
+    constrained = bool(np.all(stderr < np.abs([a, b, c, d])))
+    return dict(fit='E = a (C + d)^-b + c', points=n, constrained=constrained, compute_unit_flops=unit,
                 a=float(a * unit ** b), b=float(b), c=float(c), d=float(d * unit),
                 stderr=dict(a=float(stderr[0] * unit ** b), b=float(stderr[1]), c=float(stderr[2]),
                             d=float(stderr[3] * unit)),
@@ -193,9 +196,11 @@ def plot_compute_scaling(df, path: str) -> dict[str, Any]:
         if fit['fit']:
             grid = np.geomspace(compute.min() / 1.5, compute.max() * 3, 200)
             s = fit['stderr']
+            caveat = '' if fit['constrained'] else f'\n(not constrained by {fit["points"]} points: stderr > value)'
             ax.plot(grid, power_law(grid, fit['a'], fit['b'], fit['c'], fit['d']), 'r--',
-                    label=(f'fit: a(C+d)^-b + c\nb={fit["b"]:.2f}±{s["b"]:.2f}, c={fit["c"]:.3f}±{s["c"]:.3f}\n'
-                           f'a={fit["a"]:.3g}±{s["a"]:.2g}, d={fit["d"]:.2g}±{s["d"]:.2g}'))
+                    label=(f'fit to the frontier: a(C+d)^-b + c\nb={fit["b"]:.2f}±{s["b"]:.2f}, '
+                           f'c={fit["c"]:.3f}±{s["c"]:.3f}\na={fit["a"]:.3g}±{s["a"]:.2g}, '
+                           f'd={fit["d"]:.2g}±{s["d"]:.2g}{caveat}'))
         else:
             ax.text(0.03, 0.04, f'no fit: {fit["reason"]}', transform=ax.transAxes, fontsize=8, color='r')
         ax.set_xscale('log')
