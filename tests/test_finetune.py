@@ -103,8 +103,11 @@ def test_finetune_quickstart_at_a_larger_image_size(tmp_path):
     assert load_params(pretrain, model16)['pos_embed'].shape == (1, 17, 48)
 
     short = dict(total_steps=40, eval_every=40, image_size=24)
-    scratch = train_and_evaluate(quickstart_config(data_dir, **short), str(tmp_path / 'scratch'))
-    finetune_config = quickstart_config(data_dir, **short)
+    short_config = quickstart_config(data_dir, **short)
+    # 40 steps of the recipe's 100-step warmup (a warmup longer than the run is refused): the same learning rates.
+    short_config.optimizer.update(warmup_steps=40, learning_rate=short_config.optimizer.learning_rate * 40 / 100)
+    scratch = train_and_evaluate(short_config, str(tmp_path / 'scratch'))
+    finetune_config = short_config.copy_and_resolve_references()
     finetune_config.init_from.update(path=str(pretrain), posemb_resize='bicubic')
     finetuned = train_and_evaluate(finetune_config, str(tmp_path / 'finetune'))
     # 4x4 -> 6x6 patch grid; the pretrained start wins clearly over 40 steps from scratch.
