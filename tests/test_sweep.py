@@ -111,21 +111,26 @@ def test_wrong_type_and_impossible_model_are_clear_errors(tmp_path):
     with pytest.raises(sw.SweepError, match=r"model.hidden_size='wide'.*cannot be casted"):
         sw.load_sweep(write_sweep(tmp_path, "hyper.sweep('model.hidden_size', ['wide'])", 'a.py'))
     # A ViT's patch_size on a ResNet: caught before the first run, not in run 7's log.
-    with pytest.raises(sw.SweepError, match=r"run 0 .*Unknown field\(s\) \['drop_path_rate', 'hidden_size'.*for model 'resnet26'"):
+    with pytest.raises(sw.SweepError,
+                       match=r"run 0 .*Unknown field\(s\) \['drop_path_rate', 'hidden_size'.*for model 'resnet26'"):
         sw.load_sweep(write_sweep(tmp_path, "hyper.sweep('model_name', ['resnet26'])", 'b.py'))
 
 
 def test_empty_grid_is_a_clear_error(tmp_path):
     with pytest.raises(sw.SweepError, match='the grid is empty'):
-        sw.load_sweep(write_sweep(tmp_path, "hyper.product([hyper.sweep('seed', [0]), hyper.sweep('total_steps', [])])"))
+        sw.load_sweep(write_sweep(tmp_path,
+                                  "hyper.product([hyper.sweep('seed', [0]), hyper.sweep('total_steps', [])])"))
 
 
 def test_missing_sweep_file_and_functions_are_clear_errors(tmp_path):
     with pytest.raises(sw.SweepError, match='No sweep file at'):
         sw.load_sweep(str(tmp_path / 'nope.py'))
     (tmp_path / 'config_only.py').write_text('def get_config():\n    return None\n')
-    with pytest.raises(sw.SweepError, match=r'has no get_hyper\(\)'):
+    with pytest.raises(sw.SweepError,
+                       match=r'has no get_hyper\(\): a sweep file is a config file \(get_config\(arg=""\)\)'):
         sw.load_sweep(str(tmp_path / 'config_only.py'))
+    with pytest.raises(sw.SweepError, match="scaling.py:tiny: Unknown grid 'tiny'.*'' \\(digits\\) or 'paper'"):
+        sw.load_sweep(os.path.join(REPO, 'experiments', 'scaling.py') + ':tiny')
 
 
 def test_a_workdir_holding_a_different_sweep_is_refused(tmp_path, tiny_sweep, capsys):

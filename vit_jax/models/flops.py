@@ -62,7 +62,8 @@ def resnet_macs(layers: tuple[int, ...], width: float, image_size: int, stride_o
 
 
 def encoder_macs(tokens: int, hidden: int, mlp: int, layers: int) -> int:
-    """Transformer encoder (ViT eq. 2-3): per layer qkv + output (4 N D^2), MLP (2 N D M), q k^T and attn v (2 N^2 D)."""
+    """Multiply-adds of the encoder (ViT eq. 2-3): per layer qkv + output (4 N D^2), MLP (2 N D M), q k^T and
+    attn v (2 N^2 D)."""
     return layers * (tokens * (4 * hidden * hidden + 2 * hidden * mlp) + 2 * tokens * tokens * hidden)
 
 

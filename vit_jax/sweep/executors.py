@@ -44,7 +44,8 @@ class Progress:
         eta = self.eta_s()
         eta_text = 'ETA unknown (no run finished yet)' if eta is None else f'ETA {_duration(eta)}'
         return (f'[sweep {time.strftime("%H:%M:%S")}] {self.done}/{self.total} done, {self.running} running, '
-                f'{self.failed} failed, {self.left} left; {eta_text} (elapsed {_duration(time.time() - self.started_at)})')
+                f'{self.failed} failed, {self.left} left; {eta_text} '
+                f'(elapsed {_duration(time.time() - self.started_at)})')
 
     def show(self, message: str = '') -> None:
         with self.lock:
@@ -71,7 +72,9 @@ class Progress:
 
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
-    return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m' if seconds >= 3600 else f'{seconds // 60}m{seconds % 60:02d}s'
+    if seconds >= 3600:
+        return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m'
+    return f'{seconds // 60}m{seconds % 60:02d}s'
 
 
 def run_local(specs: list[RunSpec], progress: Progress, parallel: int = 1,
@@ -87,7 +90,8 @@ def run_local(specs: list[RunSpec], progress: Progress, parallel: int = 1,
             try:
                 result = run(spec)
             except Exception as e:  # noqa: BLE001 (one run's trouble never stops the sweep)
-                result = dict(id=spec.id, status=FAILED, returncode=None, wall_s=0.0, log_tail=f'{type(e).__name__}: {e}')
+                result = dict(id=spec.id, status=FAILED, returncode=None, wall_s=0.0,
+                              log_tail=f'{type(e).__name__}: {e}')
             progress.finished(spec, result)
             return result
 

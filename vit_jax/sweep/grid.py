@@ -171,10 +171,15 @@ def load_sweep(spec: str) -> Sweep:
     module_spec.loader.exec_module(module)
     for function in ('get_config', 'get_hyper'):
         if not hasattr(module, function):
-            raise SweepError(f'{path} has no {function}(): a sweep file is a config file (get_config(arg='')) with a '
-                             f'grid (get_hyper(hyper, arg='')) beside it; see experiments/scaling.py.')
-    base = _call(module.get_config, arg)
-    grid = _call(module.get_hyper, hyper, arg)
+            raise SweepError(f'{path} has no {function}(): a sweep file is a config file (get_config(arg="")) with a '
+                             f'grid (get_hyper(hyper, arg="")) beside it; see experiments/scaling.py.')
+    try:
+        base = _call(module.get_config, arg)
+        grid = _call(module.get_hyper, hyper, arg)
+    except SweepError:
+        raise
+    except ValueError as e:  # e.g. an unknown FILE:arg
+        raise SweepError(f'{spec}: {e}') from None
     if not isinstance(grid, list) or not all(isinstance(r, dict) for r in grid):
         raise SweepError(f'{path}: get_hyper() returned {type(grid).__name__}, not a list of {{field: value}} dicts '
                          f'(build it with hyper.product / hyper.sweep / hyper.zipit).')

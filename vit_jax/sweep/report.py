@@ -11,11 +11,14 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from vit_jax.sweep.runner import DONE, read_json, status, wall_seconds, write_flops, write_json
+
+if TYPE_CHECKING:
+    import pandas
 
 MIN_FIT_POINTS = 5  # four parameters: fewer points than five fit noise, not a law
 
@@ -96,7 +99,7 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
 
 
 def collect(sweep_dir: str, runs: dict[str, dict[str, Any]], count_flops: bool = True,
-            cwd: str | None = None) -> 'pandas.DataFrame':  # noqa: F821
+            cwd: str | None = None) -> pandas.DataFrame:
     """One row per run: every swept field, final and best eval top-1, train loss, few-shot accuracy where logged,
     FLOPs, wall time and parameters."""
     import pandas as pd
@@ -138,7 +141,7 @@ def collect(sweep_dir: str, runs: dict[str, dict[str, Any]], count_flops: bool =
 
 
 # Plots ---------------------------------------------------------------------------------------------------------------
-def _model_key(df) -> 'pandas.Series':  # noqa: F821
+def _model_key(df) -> pandas.Series:
     return df['model'] if 'model' in df and df['model'].notna().any() else df.get('model_name', df['name'])
 
 
