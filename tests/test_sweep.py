@@ -161,6 +161,19 @@ def test_finished_run_is_skipped_and_not_emitted(tmp_path, tiny_sweep, capsys):
                                f'd16-steps2.{loaded.runs[0].id} --config.model.hidden_size=16 --config.total_steps=2')
 
 
+def test_run_status_on_disk(tmp_path):
+    from vit_jax.sweep import runner
+    workdir = tmp_path / 'run'
+    assert runner.status(str(workdir)) == runner.NEW
+    (workdir / 'checkpoints').mkdir(parents=True)  # interrupted: rerunning the same command resumes from these
+    assert runner.status(str(workdir)) == runner.STARTED
+    runner.write_json(str(workdir / 'sweep_run.json'), {'attempts': [{'returncode': 0, 'wall_s': 5.0},
+                                                                     {'returncode': 1, 'wall_s': 2.5}]})
+    assert runner.status(str(workdir)) == runner.FAILED and runner.wall_seconds(str(workdir)) == 7.5
+    (workdir / 'DONE').write_text('{"step": 4}')
+    assert runner.status(str(workdir)) == runner.DONE
+
+
 def test_a_failed_run_does_not_stop_the_others(tmp_path):
     specs = [RunSpec(str(i), f'run{i}', str(tmp_path / str(i)), 'c.py', (), (), str(tmp_path)) for i in range(3)]
 
