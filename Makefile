@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow install clean
+.PHONY: demo test test-slow test-multihost install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# Two processes as two hosts (jax.distributed on localhost, gloo collectives): loss parity, SIGTERM, resume, init_from.
+test-multihost: $(STAMP)
+	$(PY) -m pytest -q -m multihost
 
 clean:
 	rm -rf $(VENV) .pytest_cache

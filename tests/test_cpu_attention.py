@@ -179,3 +179,21 @@ def test_cudnn_is_asked_for_explicitly(monkeypatch):
     monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')
     jax.eval_shape(model.apply, params, x)
     assert calls == ['cudnn', 'xla']
+
+
+@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='cuDNN runs on a GPU (benchmarks/gpu.sh runs this there)')
+def test_cudnn_matches_xla_attention_on_gpu():
+    """On a GPU, 'auto' in bfloat16 compiles to cuDNN's fused attention and gives XLA's logits and gradients."""
+    model = _tiny_vit(dtype='bfloat16')
+    x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+    params = model.init(jax.random.key(1), x)
+
+    def grads(m):
+        return jax.jit(jax.value_and_grad(lambda p: jnp.sum(m.apply(p, x).astype(jnp.float32) ** 2)))
+
+    assert '__cudnn$fmha' in grads(model).lower(params).compile().as_text()
+    (got, got_g), (ref, ref_g) = grads(model)(params), grads(model.clone(attention_impl='xla'))(params)
+    np.testing.assert_allclose(got, ref, rtol=2e-2)  # bfloat16: ~3 significant digits
+    for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(ref_g)):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=0,
+                                   atol=5e-2 * float(jnp.abs(b.astype(jnp.float32)).max()) + 1e-3)
