@@ -29,6 +29,9 @@ from typing import Any, Callable, Iterator
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
+
+from vit_jax import workdir as workdir_lib
 
 PREEMPTED_EXIT_STATUS = 143  # 128 + SIGTERM(15): what a shell, torchrun and SLURM report for a terminated job
 CONFIG_FILE = 'config.json'
@@ -72,14 +75,15 @@ class ConfigMismatchError(ValueError):
 # Reading the workdir --------------------------------------------------------------------------------------------------
 
 def checkpoint_dir(workdir: str) -> str:
-    return os.path.abspath(os.path.join(workdir, 'checkpoints'))
+    return os.fspath(workdir_lib.path(workdir) / 'checkpoints')  # gs://... as it is, a local path made absolute
 
 
 def saved_steps(directory: str) -> list[int]:
     """The steps of the complete checkpoints in an orbax ``directory`` (temporary folders of unfinished saves are not)."""
-    if not os.path.isdir(directory):
+    directory = epath.Path(directory)
+    if not directory.is_dir():
         return []
-    return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+    return sorted(int(d.name) for d in directory.iterdir() if d.name.isdigit())
 
 
 def workdir_step(workdir: str) -> int | None:
@@ -128,12 +132,11 @@ def check_resume_config(config: ml_collections.ConfigDict, workdir: str,
     (learning rate, total steps, cadences, ...) and returns them, for ``record_config``. A workdir without
     checkpoints (or without config.json, as written before these checks) returns {}.
     """
-    path = os.path.join(workdir, CONFIG_FILE)
+    path = workdir_lib.path(workdir) / CONFIG_FILE
     step = workdir_step(workdir)
-    if step is None or not os.path.exists(path):
+    if step is None or not path.exists():
         return {}
-    with open(path) as f:
-        old = json.load(f)
+    old = json.loads(path.read_text())
     changes = config_changes(old, _config_dict(config))
     # EMA on or off adds or drops the EMA parameters of the train state; another non-zero decay is fine.
     bad = {k: (a, b) for k, (a, b) in changes.items() if _incompatible(k) or (
@@ -143,7 +146,9 @@ def check_resume_config(config: ml_collections.ConfigDict, workdir: str,
             f'The config differs from the run in {workdir} (its {CONFIG_FILE}, checkpoint step {step}) in fields its '
             f'checkpoints cannot continue with:\n{_format_changes(bad)}\n'
             f'Use a new --workdir to train this config, or fine-tune from this run with '
-            f'--config.init_from.path={os.path.abspath(workdir)} in a new --workdir.')
+            f'--config.init_from.path={workdir_lib.path(workdir)} in a new --workdir.')
+    if config.total_steps:  # known without the data: say this before listing changes it would not get to
+        check_total_steps(config, int(config.total_steps), workdir)
     if changes:
         log(f'Resuming {workdir} from step {step} with {len(changes)} changed setting(s) (recorded in '
             f'{CONFIG_FILE} under "{HISTORY_KEY}"):\n{_format_changes(changes)}')
@@ -167,23 +172,19 @@ def record_config(workdir: str, config: ml_collections.ConfigDict, step: int,
     """Writes config.json (atomically): the config now in use, and under "history" the changes made at each resume."""
     if jax.process_index() != 0:
         return
-    path = os.path.join(workdir, CONFIG_FILE)
+    path = workdir_lib.path(workdir) / CONFIG_FILE
     history = []
-    if os.path.exists(path) and step > 0:
+    if path.exists() and step > 0:
         if not changes:
             return  # the same config: nothing new to record
-        with open(path) as f:
-            history = json.load(f).get(HISTORY_KEY, [])
+        history = json.loads(path.read_text()).get(HISTORY_KEY, [])
     current = _config_dict(config)
     if changes:
         history.append({'step': step, 'time': datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec='seconds'), 'changed': {k: {'old': old, 'new': new} for k, (old, new) in changes.items()}})
     if history:
         current[HISTORY_KEY] = history
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(current, f, indent=2)
-    os.replace(tmp, path)
+    workdir_lib.write_atomic(path, json.dumps(current, indent=2))
 
 
 # Restoring ------------------------------------------------------------------------------------------------------------
@@ -206,9 +207,9 @@ def _without_closed_loop_noise(hook: Callable) -> Callable:
 def quiet_orbax_failures() -> Iterator[None]:
     """A failed orbax read or write logs its traceback from every thread and leaves coroutines that complain of a
     closed event loop; the caller reports the failure once, so those are silenced meanwhile."""
-    class _Drop(logging.Filter):
+    class _Drop(logging.Filter):  # orbax's own errors and warnings ("Metadata file does not exist") meanwhile
         def filter(self, record: logging.LogRecord) -> bool:
-            return not (record.levelno >= logging.ERROR and '/orbax/' in record.pathname)
+            return not (record.levelno >= logging.WARNING and '/orbax/' in record.pathname)
 
     drop, loggers = _Drop(), [logging.getLogger('absl'), logging.getLogger()]
     previous_hook = sys.unraisablehook
