@@ -11,6 +11,7 @@ import json
 import os
 import pathlib
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import sys
 import numpy as np
 import pytest
 
-from vit_jax import data
+from vit_jax import data, distributed
 from vit_jax.train import config as config_lib
 from vit_jax.train.loop import train_and_evaluate
 
@@ -92,6 +93,30 @@ def digits_dir(tmp_path_factory):
     root = str(tmp_path_factory.mktemp('tfds'))
     data.dataset_info(make_config(root))
     return root
+
+
+@pytest.mark.parametrize('kwargs, env, message', [
+    (dict(num_processes=0), {}, r'--num_processes=0: give the number of processes'),
+    (dict(num_processes=2, process_id=2), {}, r'--process_id=2 is not in 0..1 \(--num_processes=2\)'),
+    (dict(coordinator_address='host0'), {}, r"--coordinator_address='host0' has no port: give HOST:PORT .* host0:1234"),
+    ({}, {'JAX_NUM_PROCESSES': 'two'}, r"\$JAX_NUM_PROCESSES='two' is not an integer"),
+    (dict(num_processes=2), {'JAX_PROCESS_ID': '5'}, r'--process_id=5 is not in 0..1')])
+def test_distributed_settings_are_checked_before_connecting(monkeypatch, kwargs, env, message):
+    for name in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID'):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=message):
+        distributed.initialize(**kwargs)
+
+
+def test_one_process_preemption_watch_flags_sigterm_and_restores_the_handler():
+    previous = signal.getsignal(signal.SIGTERM)
+    with distributed.PreemptionWatch() as preempted:
+        assert not preempted(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert preempted(2) and preempted(3)  # saved after the step in flight, whichever that is
+    assert signal.getsignal(signal.SIGTERM) is previous
 
 
 def assert_same_metrics(got: list[dict], expected: list[dict]) -> None:
