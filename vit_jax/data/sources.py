@@ -8,13 +8,13 @@ pipeline decodes each example once, after all three.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 
 import ml_collections
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from absl import logging
 
 from vit_jax.data import digits
 
@@ -28,6 +28,7 @@ PREPARE_HINTS = {
 }
 _MAX_LISTED = 20  # bad files named in an error or warning
 _CHECKED: dict[str, list[tuple[str, str]]] = {}  # folder root -> its bad files, found once per process
+log = logging.getLogger(__name__)  # not absl's logger: entry points quiet that one for TFDS's chatter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +101,7 @@ def _folder_builder(root: str, skip_bad_images: bool = False, train_split: str =
                              f'{more}\nReplace or remove them, or set config.skip_bad_images=True to train without '
                              f'them (they are then counted and listed in the log).')
         if first_time:
-            logging.warning('Skipping %d file(s) of the folder dataset %s that do not decode '
+            log.warning('Skipping %d file(s) of the folder dataset %s that do not decode '
                             '(config.skip_bad_images):\n%s%s', len(bad), root, listed, more)
         _drop_examples(builder, {path for path, _ in bad})
     return builder
@@ -146,7 +147,7 @@ def _check_class_folders(root: str, builder: tfds.ImageFolder, train_split: str)
         if split == train_split:
             raise ValueError(f'{what}. The model would have a class it never sees in training: add its images, or '
                              f'remove the folder from every split.')
-        logging.warning('%s. Their classes are not evaluated in split %r.', what, split)
+        log.warning('%s. Their classes are not evaluated in split %r.', what, split)
 
 
 def num_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
