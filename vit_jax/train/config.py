@@ -4,7 +4,8 @@ Fields (override any of them on the command line: ``--config.optimizer.learning_
 - model: ``model_name`` (a registered name, see ``python -m vit_jax.models``) and ``model`` (overrides for
   ``create_model``: dropout_rate, drop_path_rate, dtype, scan_layers, remat, ...). ``image_size`` is shared with data.
 - data: ``dataset``, ``data_dir``, ``train_split``, ``eval_split``, ``batch_size`` (global), ``eval_batch_size``,
-  ``shuffle_buffer``, ``augment`` (see ``vit_jax.data``).
+  ``shuffle_buffer``, ``augment`` (see ``vit_jax.data``), ``skip_bad_images`` (folder datasets: skip and list files
+  that do not decode instead of failing).
 - optimisation: ``optimizer`` (see ``vit_jax.train.optim``), ``total_steps`` or ``num_epochs``.
 - objective: ``objective`` ('supervised').
 - fine-tuning: ``init_from`` (path, format, posemb_resize, skip).
