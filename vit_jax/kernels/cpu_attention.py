@@ -12,8 +12,11 @@ The library is compiled on first use with the machine's C++ compiler (``g++ -O3 
 ``$VIT_JAX_CACHE`` (default ``~/.cache/vit_jax``), keyed by the source, the compiler flags, jaxlib's version and the
 CPU, and loaded from there afterwards. Where it cannot be built (no compiler, say), ``available()`` is False with
 the reason logged once, and attention takes XLA's path: the kernel is a speed-up, never a requirement.
-``VIT_JAX_CPU_ATTENTION=0`` turns it off; ``xla_attention()`` does so for one trace (the benchmark counts model
-FLOPs on XLA's path, since XLA's cost analysis cannot see into a custom call).
+``VIT_JAX_CPU_ATTENTION=0`` turns it off for the process. Which attention a model runs is its field
+``attention_impl`` (``models/encoder.resolve_attention``: 'auto' takes the kernel where ``supports`` says it can,
+'cpu_kernel' insists, 'xla' avoids it), which jit caches on. ``xla_attention()`` turns it off for the traces made
+within it only (a global, so a function jitted before keeps its trace: the benchmark jits a new one inside it to
+count model FLOPs on XLA's path, since XLA's cost analysis cannot see into a custom call); prefer the field.
 
 Sharding: the call is partitioned over its batch and head dimensions (each device runs its own heads) and needs
 the tokens and the head dimension whole.
