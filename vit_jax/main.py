@@ -3,7 +3,8 @@
     python -m vit_jax.main --config configs/vit_b16.py --workdir DIR [--config.field=value ...]
 
 Configs are locked: a misspelt ``--config.field`` fails instead of being ignored. On a multi-host TPU pod or GPU
-cluster, run the same command on every host with ``--distributed``.
+cluster, run the same command on every host with ``--distributed`` (off Cloud TPU / SLURM / Open MPI / Kubernetes,
+with ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I``; see ``vit_jax/distributed.py``).
 
 Exit status: 0 when the run finished (or was already finished), 1 on an error, printed as one message (``--verbose``
 or ``VIT_JAX_VERBOSE=1`` for the traceback), and 143 (128 + SIGTERM) when SIGTERM stopped the run after saving its
