@@ -161,6 +161,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     validate_config(config, total_steps)  # warmup against a length that num_epochs gave
     checkpointing.check_total_steps(config, total_steps, workdir)
     objective = create_objective(config, model, info.num_classes)
+    if config.fewshot.enabled not in ('auto', 'on', 'off'):
+        raise ValueError(f'config.fewshot.enabled={config.fewshot.enabled!r} is not one of (auto, on, off).')
     workdir_lib.path(workdir).mkdir(parents=True, exist_ok=True)  # a local folder or a bucket (gs://) alike
     opt = config.optimizer
     accumulation = max(int(opt.accumulation_steps), 1)
@@ -196,8 +198,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_step = make_train_step(objective, tx, shardings, mesh, schedule, config.seed, opt.ema_decay, accumulation,
                                  microbatches=int(opt.microbatches))
     eval_step = make_eval_step(objective, mesh, shardings)
-    if config.fewshot.enabled not in ('auto', 'on', 'off'):
-        raise ValueError(f'config.fewshot.enabled={config.fewshot.enabled!r} is not one of (auto, on, off).')
     fewshot_on = config.fewshot.enabled == 'on' or (config.fewshot.enabled == 'auto' and objective.self_supervised)
     features = fewshot.representation_fn(model, mesh, shardings.params) if fewshot_on else None
     evaluate_all = functools.partial(evaluate, eval_step, objective, fewshot_features=features,
