@@ -43,7 +43,9 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 # A checkpoint cannot continue with another value of these: they build another model, read other data or give the
 # train state another structure. Everything else (learning rate, steps, cadences, augmentation, ...) may change.
 INCOMPATIBLE_FIELDS = ('model_name', 'model.*', 'dataset', 'image_size', 'objective', 'optimizer.name',
-                       'optimizer.accumulation_steps')
+                       'optimizer.accumulation_steps',
+                       # The shapes of an objective's own parameters (MAE's decoder, MPP's head) are in the checkpoint.
+                       'mae.decoder_width', 'mae.decoder_depth', 'mae.decoder_heads', 'mpp.target', 'mpp.bits')
 # Model fields that change the computation but not the parameters: legal mid-run.
 RUNTIME_MODEL_FIELDS = ('model.dropout_rate', 'model.attention_dropout_rate', 'model.drop_path_rate', 'model.dtype',
                         'model.remat', 'model.attention_impl')
