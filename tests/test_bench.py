@@ -95,3 +95,24 @@ def test_vit_matmuls_count_the_analytic_flops():
     assert distilled['qkv fwd'] == ((14 * 14 + 2, 192), 12) and distilled['head fwd'] == ((1, 192), 2)
     with pytest.raises(ValueError, match='patch-stem ViT'):
         bench.vit_matmuls(bench.build_model(bench.parse_args(['--model', 't2t_vit_t14'])), 1, 10)
+
+
+def test_bf16_beside_pytorch_fp32_and_autocast_with_both_peaks(capsys):
+    result = bench.main(TINY + ['--mode', 'train', '--dtype', 'bfloat16', '--compare', 'torch'])
+    for key in ('torch_train_images_per_s', 'torch_bf16_train_images_per_s', 'matmul_peak_flops_per_s',
+                'matmul_peak_float32_flops_per_s'):
+        assert result[key] > 0, key
+    assert result['ratio_torch_bf16_train_images_per_s'] == (result['train_images_per_s'] /
+                                                             result['torch_bf16_train_images_per_s'])
+    assert result['matmul_peak_library'] in ('xla', 'mkl')
+    assert result['cpu_model'] and isinstance(result['cpu_amx'], bool)
+
+
+def test_flop_count_sees_through_mkl_products(monkeypatch, capsys):
+    """XLA's cost analysis cannot see into a custom call: the count is the same whether projections take MKL."""
+    monkeypatch.setenv('VIT_JAX_CPU_GEMM', 'xla')
+    plain = bench.main(TINY + ['--mode', 'compile'])
+    monkeypatch.setenv('VIT_JAX_CPU_GEMM', 'mkl')
+    through_mkl = bench.main(TINY + ['--mode', 'compile'])
+    assert through_mkl['cpu_gemm'] and not plain['cpu_gemm']
+    assert through_mkl['train_flops_per_image'] == plain['train_flops_per_image'] > 0

@@ -39,12 +39,16 @@ def test_kernel_builds_on_this_machine():
     assert cpu_attention.available()
 
 
+# VIT_JAX_CPU_GEMM=xla: the kernel's own matmuls; =mkl: its build with MKL's (cpu_attention._variant).
+@pytest.mark.parametrize('matmuls, target', [('xla', 'vit_attention_forward('), ('mkl', 'vit_attention_forward_mkl(')])
 @pytest.mark.parametrize('shape', [(2, 197, 3, 64), (3, 5, 1, 16), (1, 50, 2, 80), (2, 33, 2, 128), (1, 16, 1, 32)])
-def test_matches_xla_attention(shape):
+def test_matches_xla_attention(monkeypatch, shape, matmuls, target):
     """Output and the qkv gradient equal XLA's softmax attention (tokens not a multiple of 16 included)."""
+    monkeypatch.setenv('VIT_JAX_CPU_GEMM', matmuls)
     qkv, dout = inputs(shape)
     scale = shape[-1] ** -0.5
     ours = jax.jit(lambda *a: value_and_grad(lambda x: cpu_attention.attention(x, scale), *a))
+    assert target in ours.lower(qkv, dout).as_text().replace('"', '').replace('@', '')
     ref = jax.jit(lambda *a: value_and_grad(lambda x: xla_reference(x, scale), *a))
     (out, dqkv), (ref_out, ref_dqkv) = ours(qkv, dout), ref(qkv, dout)
     assert out.shape == dout.shape and dqkv.shape == qkv.shape

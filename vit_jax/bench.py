@@ -6,9 +6,12 @@ Every figure is a median over repeated steps after warm-up and compilation (comp
 The train step is the training system's own (``vit_jax.train.step``: forward, backward, AdamW update, sharded over all
 devices on a data mesh). FLOPs per image come from XLA's cost analysis and are cross-checked against the analytic count
 of a ViT; utilisation is achieved FLOP/s over the device's matmul peak, which the harness measures itself with a large
-matmul in the same run. ``--compare torch`` runs the same model in PyTorch (our exported mirror from
+matmul in the same run (the better of XLA's dot and, on CPU, MKL's; with ``--dtype bfloat16`` the bf16 peak, and the
+fp32 peak beside it). The CPU's model name and whether it has AMX are in the JSON: name the CPU beside every figure.
+``--compare torch`` runs the same model in PyTorch (our exported mirror from
 ``vit_jax.export``, or with ``--torch-model huggingface`` transformers' ViT with SDPA attention) with AdamW, the
-same batch, resolution and threads, in the same process, and reports ours / torch. All timed things take turns
+same batch, resolution and threads, in the same process, and reports ours / torch: PyTorch in fp32, and with
+``--dtype bfloat16`` under bf16 autocast too (``ratio_torch_bf16_*``). All timed things take turns
 within each round (ours, PyTorch's, the peak matmul), so a shared machine's drift in speed hits them alike.
 It prints a table and, last, one JSON line with every figure, including XLA's memory plan of the train step
 (``train_planned_bytes`` per device). ``--microbatches M`` runs the step as M slices of the batch in turn (the same
@@ -22,6 +25,7 @@ the step would take if norms, activations, softmax and the optimizer were free (
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -41,19 +45,33 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from vit_jax import host_memory, models, sharding, timing  # noqa: E402
-from vit_jax.kernels import cpu_attention  # noqa: E402
+from vit_jax.kernels import cpu_attention, cpu_gemm  # noqa: E402
+from vit_jax.kernels.build import cpu_flags, cpu_model  # noqa: E402
 from vit_jax.objectives import Supervised  # noqa: E402
 from vit_jax.train.config import base_config, load_config  # noqa: E402
 from vit_jax.train.optim import create_optimizer  # noqa: E402
 from vit_jax.train.step import abstract_state, init_state, make_train_step  # noqa: E402
 
 
-def matmul_peak(dtype: str) -> tuple[float, Callable[[], Any]]:
-    """FLOPs of a large square matmul and a runner for it: the device's matmul peak is FLOPs over its time."""
+PEAK = 'matmul_peak'  # runners named f'{PEAK}:{dtype}:{library}'
+
+
+def matmul_peak(dtype: str) -> tuple[float, dict[str, Callable[[], Any]]]:
+    """FLOPs of a large square matmul and runners for it, through XLA's dot and, on CPU, MKL's (``kernels/cpu_gemm``):
+    the device's matmul peak in this dtype is FLOPs over the best time either took."""
     n = 2048 if jax.default_backend() == 'cpu' else 8192
     a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x, y: x @ y)
-    return 2.0 * n ** 3, lambda: f(a, a).block_until_ready()
+    products = {'xla': jax.jit(lambda x, y: x @ y)}
+    if cpu_gemm.available():
+        products['mkl'] = jax.jit(cpu_gemm.mkl_product)
+    return 2.0 * n ** 3, {f'{PEAK}:{dtype}:{name}': lambda f=f: f(a, a).block_until_ready()
+                          for name, f in products.items()}
+
+
+def best_peak(flops: float, times: dict[str, list[float]], dtype: str) -> tuple[float, str]:
+    """The peak in this dtype (the best any of its runners did: utilisation errs on the low side) and its library."""
+    best = min((min(t), name.rsplit(':', 1)[1]) for name, t in times.items() if name.startswith(f'{PEAK}:{dtype}:'))
+    return flops / best[0], best[1]
 
 
 def analytic_vit_flops(model) -> float | None:
@@ -106,11 +124,23 @@ def vit_matmuls(model, batch: int, num_classes: int) -> list[tuple[str, str, tup
             + pre_logits + dense('head', batch, features, num_classes, 1 + int(model.distilled)))
 
 
+TOKEN_PROJECTIONS = ('qkv', 'out', 'fc1', 'fc2')  # through models/encoder.token_dot_general, so MKL or XLA
+DENSE_TRANSPOSES = {'ik,kj->ij': (False, False), 'ik,jk->ij': (False, True), 'ij,ik->jk': (True, False)}
+
+
+def _takes_mkl(equation: str, lhs_shape, rhs_shape, dtype) -> bool:
+    """Whether the train step runs this dense product through MKL (cpu_gemm's measured choice at its shape)."""
+    trans_a, trans_b = DENSE_TRANSPOSES[equation]
+    rows, depth = lhs_shape[::-1] if trans_a else lhs_shape
+    cols = rhs_shape[0] if trans_b else rhs_shape[1]
+    return cpu_gemm.use_mkl(dtype, rows, depth, cols, trans_a, trans_b)
+
+
 def prepare_matmuls(model, args) -> tuple[dict[str, tuple[float, int]], dict[str, Callable[[], Any]]]:
     """Each matmul of the train step (``vit_matmuls``) jitted on its own, at one device's share of one micro-batch.
 
-    Returns each one's FLOPs (XLA's count) and how many times a step runs it, and a runner for each. Where the step
-    runs attention through the CPU kernel, the kernel's forward and backward are timed as one (``ATTENTION_KERNEL``,
+    Returns each one's FLOPs (XLA's count) and how many times a step runs it, and a runner for each. A projection
+    the step runs through MKL is timed through MKL. Where the step runs attention through the CPU kernel, the kernel's forward and backward are timed as one (``ATTENTION_KERNEL``,
     credited with the model FLOPs of the six attention matmuls it does) instead of XLA's six.
     """
     slice_batch = args.batch // jax.device_count() // args.microbatches
@@ -121,6 +151,13 @@ def prepare_matmuls(model, args) -> tuple[dict[str, tuple[float, int]], dict[str
     for name, equation, lhs_shape, rhs_shape, count in vit_matmuls(model, slice_batch, args.num_classes):
         lhs, rhs = (jnp.asarray(rng.normal(size=s), args.dtype) for s in (lhs_shape, rhs_shape))
         lowered = jax.jit(lambda a, b, equation=equation: jnp.einsum(equation, a, b)).lower(lhs, rhs)
+        if name.split()[0] in TOKEN_PROJECTIONS and _takes_mkl(equation, lhs_shape, rhs_shape, args.dtype):
+            # The step runs this product through MKL (kernels/cpu_gemm): time that, with XLA's FLOP count.
+            trans_a, trans_b = DENSE_TRANSPOSES[equation]
+            product = jax.jit(functools.partial(cpu_gemm.mkl_product, trans_a=trans_a, trans_b=trans_b))
+            flops[name] = (float(lowered.cost_analysis().get('flops', 0.0)), count * args.microbatches)
+            runners[f'matmul:{name}'] = lambda lhs=lhs, rhs=rhs, f=product: f(lhs, rhs).block_until_ready()
+            continue
         if kernel and name in ATTENTION_MATMULS:  # counted, not run: the kernel does this matmul
             attention.append((float(lowered.cost_analysis().get('flops', 0.0)), count * args.microbatches))
             continue
@@ -235,14 +272,15 @@ def model_train_flops(model, lowered, microbatches: int, tx, mesh, schedule, bat
 
     XLA's cost analysis counts the body of a loop once, so a step that scans over layers (``scan_layers``) or over
     micro-batches would be undercounted: the twin has neither, and no remat (whose recomputation is not model work).
-    Nor does it see into a custom call: the twin's attention runs through XLA's ops, not the CPU kernel. It is only
+    Nor does it see into a custom call: the twin's attention and projections run through XLA's ops, not the CPU
+    kernel or MKL. It is only
     lowered, never compiled or run; a step with none of them is its own twin (``lowered``).
     """
     # The lowered program is the global one, before it is partitioned over the mesh: its count is the whole step's.
     loops = {f: False for f in ('scan_layers', 'remat') if getattr(model, f, False)}
-    if not loops and microbatches == 1 and not cpu_attention.available():
+    if not loops and microbatches == 1 and not (cpu_attention.available() or cpu_gemm.available()):
         return float(lowered.cost_analysis().get('flops', 0.0))
-    with cpu_attention.xla_attention():
+    with cpu_attention.xla_attention(), cpu_gemm.xla_gemm():
         twin = model.clone(**loops)
         state = abstract_state(twin, tx, mesh, image_size, use_ema=False)
         shardings = jax.tree.map(lambda x: x.sharding, state)
@@ -278,8 +316,8 @@ def prepare_infer(model, args) -> tuple[dict[str, float], dict[str, Callable[[],
         if batch == args.batch:
             fixed['infer_compile_s'] = time.perf_counter() - start
             counted = compiled
-            if cpu_attention.available():  # XLA's cost analysis does not see into the kernel's custom call
-                with cpu_attention.xla_attention():  # a new jit: jit caches its trace
+            if cpu_attention.available() or cpu_gemm.available():  # XLA's count does not see into custom calls
+                with cpu_attention.xla_attention(), cpu_gemm.xla_gemm():  # a new jit: jit caches its trace
                     counted = jax.jit(lambda p, x: model.apply(p, x)).lower(params, x)
             fixed['infer_flops_per_step'] = float(counted.cost_analysis().get('flops', 0.0))
         runners[name] = lambda compiled=compiled, x=x: compiled(params, x).block_until_ready()
@@ -360,31 +398,33 @@ def prepare_torch(model, args, modes: set[str]) -> tuple[str, dict[str, Callable
     train_net, eval_net = build().to(device), build().to(device).eval()
     images = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
     labels = torch.randint(0, args.num_classes, (args.batch,), device=device)
-    dtype = torch.bfloat16 if args.dtype == 'bfloat16' else None
+    # PyTorch in fp32 ('torch_*') always; with --dtype bfloat16 also under bf16 autocast ('torch_bf16_*'): fp32
+    # master weights and bf16 matmuls, as ours.
+    variants = {'torch': None, **({'torch_bf16': torch.bfloat16} if args.dtype == 'bfloat16' else {})}
     runners = {}
-    if 'train' in modes:
-        optimizer = torch.optim.AdamW(train_net.parameters(), lr=1e-3, weight_decay=0.05)
-        train_net.train()
-
-        def step():  # with --microbatches, the same slices in turn: the batch's gradient, as ours
-            optimizer.zero_grad(set_to_none=True)
-            for x, y in zip(images.chunk(args.microbatches), labels.chunk(args.microbatches)):
-                with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
-                    loss = torch.nn.functional.cross_entropy(train_net(x), y) / args.microbatches
-                loss.backward()
-            torch.nn.utils.clip_grad_norm_(train_net.parameters(), 1.0)
-            optimizer.step()
-            sync()
-
-        runners['torch_train'] = step
-    if 'infer' in modes:
-        for batch, name in ((args.batch, 'torch_infer'), (1, 'torch_infer_batch1')):
-            def forward(x=images[:batch]):
-                with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=dtype is not None):
-                    eval_net(x)
+    optimizer = torch.optim.AdamW(train_net.parameters(), lr=1e-3, weight_decay=0.05)
+    train_net.train()
+    for prefix, dtype in variants.items():
+        if 'train' in modes:
+            def step(dtype=dtype):  # with --microbatches, the same slices in turn: the batch's gradient, as ours
+                optimizer.zero_grad(set_to_none=True)
+                for x, y in zip(images.chunk(args.microbatches), labels.chunk(args.microbatches)):
+                    with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+                        loss = torch.nn.functional.cross_entropy(train_net(x), y) / args.microbatches
+                    loss.backward()
+                torch.nn.utils.clip_grad_norm_(train_net.parameters(), 1.0)
+                optimizer.step()
                 sync()
 
-            runners[name] = forward
+            runners[f'{prefix}_train'] = step
+        if 'infer' in modes:
+            for batch, name in ((args.batch, f'{prefix}_infer'), (1, f'{prefix}_infer_batch1')):
+                def forward(x=images[:batch], dtype=dtype):
+                    with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+                        eval_net(x)
+                    sync()
+
+                runners[name] = forward
     return reference, runners
 
 
@@ -393,9 +433,10 @@ def run(args) -> dict[str, Any]:
     result: dict[str, Any] = dict(
         model=args.model, overrides=args.override, batch=args.batch, image_size=args.image_size, dtype=args.dtype,
         mode=args.mode, backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
+        cpu_model=cpu_model(), cpu_amx='amx_bf16' in cpu_flags().split(),
         num_devices=jax.device_count(), microbatches=args.microbatches, threads=args.threads,
         malloc_tuned=host_memory.malloc_configured(),
-        cpu_attention_kernel=cpu_attention.available())
+        cpu_attention_kernel=cpu_attention.available(), cpu_gemm=cpu_gemm.available())
     if args.mode == 'compile':
         # The train step compiled, not run: compile time, model FLOPs and XLA's memory plan, i.e. whether a model and
         # batch fit a device (e.g. vit_l16 at batch 128 with --override scan_layers=true --override remat=true).
@@ -403,8 +444,12 @@ def run(args) -> dict[str, Any]:
         return result
     # matmuls: the train step beside its matmuls timed on their own (where its time goes, see matmuls_alone).
     modes = {'all': {'train', 'infer', 'data'}, 'matmuls': {'train', 'matmuls'}}.get(args.mode, {args.mode})
-    peak_flops, peak_runner = matmul_peak(args.dtype)
-    runners = {'matmul_peak': peak_runner}
+    # The peak in the step's dtype, and in fp32 too for a bf16 step (bf16's peak is several times fp32's on AMX).
+    peak_dtypes = list(dict.fromkeys((args.dtype, 'float32')))
+    runners = {}
+    for dtype in peak_dtypes:
+        peak_flops, peak_runners = matmul_peak(dtype)
+        runners.update(peak_runners)
     if 'matmuls' in modes:  # first: it says before the step compiles if the model is not a patch-stem ViT
         matmul_flops, matmul_runners = prepare_matmuls(model, args)
         runners.update(matmul_runners)
@@ -422,8 +467,10 @@ def run(args) -> dict[str, Any]:
     seconds = {name: statistics.median(t) for name, t in times.items()}
 
     # The peak is the best the matmul did (the median of everything else): utilisation errs on the low side.
-    peak = peak_flops / min(times['matmul_peak'])
+    peak, result['matmul_peak_library'] = best_peak(peak_flops, times, args.dtype)
     result['matmul_peak_flops_per_s'] = peak
+    if args.dtype != 'float32':
+        result['matmul_peak_float32_flops_per_s'] = best_peak(peak_flops, times, 'float32')[0]
     if 'train' in modes:
         result.update(train_step_s=seconds['train'], train_images_per_s=args.batch / seconds['train'],
                       train_flops_per_s=result['train_flops_per_image'] * args.batch / seconds['train'])
@@ -448,10 +495,13 @@ def run(args) -> dict[str, Any]:
             result['data_over_train_images_per_s'] = result['data_images_per_s'] / result['train_images_per_s']
     if args.compare == 'torch':
         for mode in ('train', 'infer'):
-            if f'torch_{mode}' in seconds:
-                result[f'torch_{mode}_images_per_s'] = args.batch / seconds[f'torch_{mode}']
-                result[f'ratio_{mode}_images_per_s'] = (result[f'{mode}_images_per_s'] /
-                                                        result[f'torch_{mode}_images_per_s'])
+            for prefix, ratio in (('torch', 'ratio'), ('torch_bf16', 'ratio_torch_bf16')):
+                if f'{prefix}_{mode}' in seconds:
+                    result[f'{prefix}_{mode}_images_per_s'] = args.batch / seconds[f'{prefix}_{mode}']
+                    result[f'{ratio}_{mode}_images_per_s'] = (result[f'{mode}_images_per_s'] /
+                                                              result[f'{prefix}_{mode}_images_per_s'])
+        if 'torch_bf16_infer_batch1' in seconds:
+            result['torch_bf16_infer_latency_ms_batch1'] = 1e3 * seconds['torch_bf16_infer_batch1']
         if 'torch_infer_batch1' in seconds:
             result['torch_infer_latency_ms_batch1'] = 1e3 * seconds['torch_infer_batch1']
             result['ratio_infer_latency_batch1'] = (result['infer_latency_ms_batch1'] /

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "parallel.h"
 
 namespace ffi = xla::ffi;
 
@@ -107,6 +108,29 @@ void matmul(int M, int nv, const float* a, int64_t ars, int64_t aks, const float
   for (; v < nv; ++v) panel(std::integral_constant<int, 1>{}, v);
 }
 
+#ifdef VIT_ATTENTION_BLAS
+// The BLAS variant (cpu_attention.py builds both and measures which is faster here): the same two matmul shapes
+// through MKL's cblas_sgemm, sequential inside each (batch, head), as the register-blocked kernels below are.
+extern "C" void cblas_sgemm(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha, const float* a,
+                            int lda, const float* b, int ldb, float beta, float* c, int ldc);
+extern "C" int MKL_Set_Threading_Layer(int code);
+extern "C" int VitAttentionInit() { return MKL_Set_Threading_Layer(1); }  // MKL_THREADING_SEQUENTIAL
+
+// out (N x 16 nv) = A (N x K) B (K x 16 nv), A row-major (aks = 1) or transposed (ars = 1).
+void matmul_dh(int N, int nv, const float* a, int64_t ars, int64_t aks, const float* b, int64_t ldb, int K, float* c,
+               int64_t ldc) {
+  const bool row_major = aks == 1;
+  cblas_sgemm(101, row_major ? 111 : 112, 111, N, nv * kW, K, 1.0f, a, int(row_major ? ars : aks), b, int(ldb),
+              0.0f, c, int(ldc));
+}
+
+// S (N x Np) = X Y^T, its padding columns zero.
+void scores(int N, int Np, int dh, const float* x, int64_t ldx, const float* y, int64_t ldy, float*, float* s) {
+  cblas_sgemm(101, 111, 112, N, N, dh, 1.0f, x, int(ldx), y, int(ldy), 0.0f, s, Np);
+  for (int i = 0; i < N; ++i)
+    for (int j = N; j < Np; ++j) s[int64_t(i) * Np + j] = 0.0f;
+}
+#else
 // out (N x dh) = A (N x K) B (K x dh) for dh = 16 * nv, the head dimension in registers; B's and out's rows are
 // ldb and ldc floats apart.
 void matmul_dh(int N, int nv, const float* a, int64_t ars, int64_t aks, const float* b, int64_t ldb, int K, float* c,
@@ -132,6 +156,7 @@ void scores(int N, int Np, int dh, const float* x, int64_t ldx, const float* y, 
         for (int d = d0; d < d0 + kW; ++d) yt[int64_t(d) * Np + j] = j < N ? y[int64_t(j) * ldy + d] : 0.0f;
   matmul<6, 4>(N, Np / kW, x, ldx, 1, yt, Np, dh, s, Np);
 }
+#endif  // VIT_ATTENTION_BLAS
 
 struct Scratch {
   std::vector<float> s, ds, t;  // (N, Np) scores / probabilities, (N, Np) their gradient, (dh, Np) a transpose
@@ -206,32 +231,6 @@ void backward_head(int N, int dh, float scale, const float* q, const float* k, c
   matmul_dh(N, dh / kW, ds, 1, Np, q, ld, N, dk, ld);  // dK = dS^T Q
 }
 
-// Runs work(i, scratch) for i in [0, n) on the calling thread and on XLA's intra-op thread pool. The caller works
-// too and returns once every claimed item is done; a pool task that starts late finds nothing left and exits, so
-// a busy pool never blocks the call.
-template <typename F>
-void parallel_for(ffi::ThreadPool& pool, int64_t n, F work) {
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::atomic<int> active{0};
-  };
-  auto state = std::make_shared<State>();
-  auto run = [state, n, &work]() {
-    state->active.fetch_add(1);
-    Scratch scratch;
-    for (int64_t i; (i = state->next.fetch_add(1)) < n;) work(i, scratch);
-    state->active.fetch_sub(1);
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
-  // A helper that starts after the caller has returned must not touch the caller's `work`: it checks `next` first.
-  for (int64_t t = 0; t < helpers; ++t)
-    pool.Schedule([state, n, run]() {
-      if (state->next.load() < n) run();
-    });
-  run();
-  while (state->active.load() != 0) std::this_thread::yield();
-}
-
 // The shape of an attention call, from qkv's dimensions (B, N, 3, H, dh).
 struct Shape {
   int64_t batch, heads;
@@ -257,7 +256,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, float scale,
                    ffi::ResultBuffer<ffi::F32> lse) {
   Shape x;
   if (auto e = check(qkv.dimensions(), x); e.failure()) return e;
-  parallel_for(pool, x.batch * x.heads, [&](int64_t i, Scratch& w) {
+  vit_jax::parallel_for<Scratch>(pool, x.batch * x.heads, [&](int64_t i, Scratch& w) {
     const float* q = qkv.typed_data() + x.q_offset(i);
     const int64_t k = x.ldo(), v = 2 * x.ldo();
     forward_head(x.N, x.dh, scale, q, q + k, q + v, x.ld(), o->typed_data() + x.o_offset(i), x.ldo(),
@@ -272,7 +271,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer
                     ffi::ResultBuffer<ffi::F32> dqkv) {
   Shape x;
   if (auto e = check(qkv.dimensions(), x); e.failure()) return e;
-  parallel_for(pool, x.batch * x.heads, [&](int64_t i, Scratch& w) {
+  vit_jax::parallel_for<Scratch>(pool, x.batch * x.heads, [&](int64_t i, Scratch& w) {
     const float* q = qkv.typed_data() + x.q_offset(i);
     float* dq = dqkv->typed_data() + x.q_offset(i);
     const int64_t k = x.ldo(), v = 2 * x.ldo();

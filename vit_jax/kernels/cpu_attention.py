@@ -9,14 +9,18 @@ token-major and packed, (B, N, 3, H, dh), and returns (B, N, H, dh) for the outp
 either side are then plain (B N, D) matmuls, and no activation is transposed or sliced on the way.
 
 The library is compiled on first use with the machine's C++ compiler (``g++ -O3 -march=native``, ~5 s) into
-``$VIT_JAX_CACHE`` (default ``~/.cache/vit_jax``), keyed by the source, the compiler flags, jaxlib's version and the
-CPU, and loaded from there afterwards. Where it cannot be built (no compiler, say), ``available()`` is False with
-the reason logged once, and attention takes XLA's path: the kernel is a speed-up, never a requirement.
+``$VIT_JAX_CACHE`` (default ``~/.cache/vit_jax``) and loaded from there afterwards (``kernels/build.py``). Where it
+cannot be built (no compiler, say), ``available()`` is False with the reason logged once, and attention takes XLA's path: the kernel is a speed-up, never a requirement.
 ``VIT_JAX_CPU_ATTENTION=0`` turns it off for the process. Which attention a model runs is its field
 ``attention_impl`` (``models/encoder.resolve_attention``: 'auto' takes the kernel where ``supports`` says it can,
 'cpu_kernel' insists, 'xla' avoids it), which jit caches on. ``xla_attention()`` turns it off for the traces made
 within it only (a global, so a function jitted before keeps its trace: the benchmark jits a new one inside it to
 count model FLOPs on XLA's path, since XLA's cost analysis cannot see into a custom call); prefer the field.
+
+Its matmuls (q k^T, p v and the backward's) are register-blocked kernels of its own; where MKL is installed a second
+build runs them through ``cblas_sgemm`` instead, and each call takes whichever ran faster here at its shape
+(measured at first use and cached, as ``kernels/cpu_gemm`` does for the projections; ``VIT_JAX_CPU_GEMM=xla`` keeps
+the kernel's own, ``=mkl`` the MKL build).
 
 Sharding: the call is partitioned over its batch and head dimensions (each device runs its own heads) and needs
 the tokens and the head dimension whole.
@@ -27,13 +31,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import hashlib
 import logging
 import os
 import pathlib
-import shutil
-import subprocess
-import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +42,9 @@ import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from vit_jax.kernels.build import compile_library
+
 SOURCE = pathlib.Path(__file__).with_name('cpu_attention.cc')
-FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-w')
 VECTOR = 16  # floats per vector in the kernel: the head dimension must be a multiple of it
 
 _enabled = os.environ.get('VIT_JAX_CPU_ATTENTION', '1') != '0'
@@ -59,48 +61,9 @@ def xla_attention():
         _enabled = saved
 
 
-def _cpu_flags() -> str:
-    try:
-        for line in pathlib.Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith(('flags', 'Features')):
-                return line
-    except OSError:
-        pass
-    return ''
-
-
-def _library_path(compiler: str) -> pathlib.Path:
-    key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), ' '.join(FLAGS).encode(), compiler.encode(), _jaxlib_version().encode(),
-                 _cpu_flags().encode()):
-        key.update(part)
-    cache = pathlib.Path(os.environ.get('VIT_JAX_CACHE', pathlib.Path.home() / '.cache' / 'vit_jax'))
-    return cache / f'cpu_attention-{key.hexdigest()[:16]}.so'
-
-
-def _jaxlib_version() -> str:
-    import jaxlib
-    return jaxlib.__version__
-
-
 def build() -> pathlib.Path:
     """Compiles the kernel library (or finds it compiled) and returns its path; raises RuntimeError if it can't."""
-    compiler = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++') or shutil.which('clang++')
-    if compiler is None:
-        raise RuntimeError('no C++ compiler found (set CXX, or install g++)')
-    path = _library_path(compiler)
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Compile to a temporary name and rename: processes building at once (pytest-xdist workers) never load half a file.
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        out = pathlib.Path(tmp) / path.name
-        cmd = [compiler, *FLAGS, f'-I{jax.ffi.include_dir()}', str(SOURCE), '-o', str(out)]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f'{" ".join(cmd)} failed:\n{result.stderr[-2000:]}')
-        os.replace(out, path)
-    return path
+    return compile_library(SOURCE)
 
 
 @functools.cache
@@ -158,6 +121,64 @@ def _partitioned(fn, args: tuple[str, ...], results: tuple[str, ...]):
     return wrapped
 
 
+@functools.cache
+def _blas_registered() -> bool:
+    """The kernel's MKL variant (its matmuls through cblas_sgemm), where MKL is installed."""
+    from vit_jax.kernels import cpu_gemm
+    mkl = cpu_gemm.mkl_library()
+    if mkl is None:
+        return False  # cpu_gemm says so, once
+    try:
+        library = ctypes.cdll.LoadLibrary(str(compile_library(SOURCE, link=cpu_gemm.mkl_link(mkl),
+                                                              defines=('VIT_ATTENTION_BLAS',), variant='mkl')))
+        library.VitAttentionInit()
+    except (RuntimeError, OSError) as e:
+        logging.warning('The CPU attention kernel\'s MKL variant is not available, so its own matmuls run: %s', e)
+        return False
+    for direction in ('forward', 'backward'):
+        name = f'VitAttention{direction.capitalize()}'
+        jax.ffi.register_ffi_target(f'vit_attention_{direction}_mkl', jax.ffi.pycapsule(getattr(library, name)),
+                                    platform='cpu')
+    return True
+
+
+def _time_variants(direction: str, shape: tuple[int, ...], rounds: int = 5) -> dict[str, float]:
+    """Best seconds of the kernel's own matmuls and of its MKL variant, one direction at one qkv shape, in turns."""
+    qkv = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
+    o, lse = jax.jit(functools.partial(_forward_call, 0.125, variant=''))(qkv)
+    calls = {name: jax.jit(functools.partial(_forward_call if direction == 'forward' else _backward_call, 0.125,
+                                             variant=variant))
+             for name, variant in (('kernel', ''), ('mkl', '_mkl'))}
+    args = (qkv,) if direction == 'forward' else (qkv, o, lse, o)
+    best = {name: float('inf') for name in calls}
+    for i in range(rounds + 1):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            if i:  # the first round compiles
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def _variant(direction: str, shape: tuple[int, ...]) -> str:
+    """'_mkl' where the MKL variant ran this call faster here (measured once, cached: kernels/choices.py), else ''.
+    ``VIT_JAX_CPU_GEMM`` rules it as it does the projections: xla never takes MKL, mkl always."""
+    from vit_jax.kernels import choices, cpu_gemm
+    mode = cpu_gemm.mode()
+    if mode == 'xla' or not _blas_registered():
+        return ''
+    if mode == 'mkl':
+        return '_mkl'
+    b, n, _, h, dh = shape
+    if 4 * b * h * n * n * dh < cpu_gemm.MIN_FLOPS:
+        return ''
+    key = f'{direction} {b}x{n}x3x{h}x{dh}'
+    timer = functools.partial(_time_variants, direction, tuple(shape))
+    choice = choices.choose('cpu_attention', key, timer, default='kernel',
+                            parts=(*cpu_gemm.mkl_key(), SOURCE.read_text()))
+    return '_mkl' if choice == 'mkl' else ''
+
+
 def _require_kernel():
     # The FFI targets exist only once the library is loaded: a caller that goes straight to ``attention`` (without
     # ``supports``) loads it here, or learns why it can't.
@@ -166,17 +187,19 @@ def _require_kernel():
                            '`supports(dtype, head_dim)` first and take XLA\'s attention where it is False.')
 
 
-def _forward_call(scale: float, qkv):
+def _forward_call(scale: float, qkv, variant: str | None = None):
     _require_kernel()
     b, n, _, h, dh = qkv.shape
-    return jax.ffi.ffi_call('vit_attention_forward', (jax.ShapeDtypeStruct((b, n, h, dh), qkv.dtype),
-                                                      jax.ShapeDtypeStruct((b, h, n), qkv.dtype)))(
+    variant = _variant('forward', qkv.shape) if variant is None else variant
+    return jax.ffi.ffi_call(f'vit_attention_forward{variant}', (jax.ShapeDtypeStruct((b, n, h, dh), qkv.dtype),
+                                                                jax.ShapeDtypeStruct((b, h, n), qkv.dtype)))(
         qkv, scale=np.float32(scale))
 
 
-def _backward_call(scale: float, qkv, o, lse, do):
+def _backward_call(scale: float, qkv, o, lse, do, variant: str | None = None):
     _require_kernel()
-    return jax.ffi.ffi_call('vit_attention_backward', jax.ShapeDtypeStruct(qkv.shape, qkv.dtype))(
+    variant = _variant('backward', qkv.shape) if variant is None else variant
+    return jax.ffi.ffi_call(f'vit_attention_backward{variant}', jax.ShapeDtypeStruct(qkv.shape, qkv.dtype))(
         qkv, o, lse, do, scale=np.float32(scale))
 
 

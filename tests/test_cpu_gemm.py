@@ -1,0 +1,175 @@
+"""Projections through MKL on CPU: build here, equal XLA's dot (values, both gradients; fp32 and bf16), shard like a
+matmul, and the per-shape choice is measured once, cached on disk and overridable."""
+
+import json
+import platform
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from vit_jax import models
+from vit_jax.kernels import choices, cpu_gemm
+
+
+@pytest.fixture
+def mkl_everywhere(monkeypatch):
+    monkeypatch.setenv('VIT_JAX_CPU_GEMM', 'mkl')
+
+
+def loss_and_grads(matmul, x, w, dy):
+    y, vjp = jax.vjp(matmul, x, w)
+    return y, *vjp(dy)
+
+
+def operands(m, k, n, dtype=jnp.float32, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    return tuple(jax.random.normal(key, shape, jnp.float32).astype(dtype)
+                 for key, shape in zip(keys, ((m, k), (k, n), (m, n))))
+
+
+def assert_close(got, expected, tol):
+    for a, b in zip(got, expected):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_allclose(a, b, atol=tol * float(np.abs(b).max()), rtol=0)
+
+
+@pytest.mark.skipif(platform.machine() != 'x86_64', reason='MKL is installed (pyproject) on x86_64 only')
+def test_builds_against_mkl_here():
+    # CI installs MKL with the package: a failure here would silently cost Intel users the products' speed.
+    assert cpu_gemm.mkl_library() is not None
+    path = cpu_gemm.build()
+    assert path.exists() and path.stat().st_size > 0
+    assert cpu_gemm.available()
+
+
+@pytest.mark.parametrize('shape', [(64, 32, 48), (197 * 3, 192, 576), (130, 768, 33), (1, 16, 8)])
+def test_matches_xla_dot_with_both_gradients(mkl_everywhere, shape):
+    x, w, dy = operands(*shape)
+    ours = jax.jit(lambda *a: loss_and_grads(cpu_gemm.matmul, *a))
+    plain = jax.jit(lambda *a: loss_and_grads(jnp.matmul, *a))
+    assert ours.lower(x, w, dy).as_text().count('vit_gemm_f32') == 3  # forward, input and weight gradients
+    assert_close(ours(x, w, dy), plain(x, w, dy), 2e-6)
+
+
+def test_bfloat16_within_bfloat16_rounding(mkl_everywhere):
+    x, w, dy = operands(256, 192, 320, jnp.bfloat16)
+    ours = jax.jit(lambda *a: loss_and_grads(cpu_gemm.matmul, *a))
+    assert 'vit_gemm_bf16' in ours.lower(x, w, dy).as_text()
+    # The exact products of the bf16 operands in fp32, rounded once to bf16: ours round once too (fp32 accumulation).
+    exact = loss_and_grads(lambda a, b: (a.astype(jnp.float32) @ b.astype(jnp.float32)).astype(jnp.bfloat16),
+                           x, w, dy)
+    assert_close(ours(x, w, dy), exact, 2 ** -8)
+
+
+def test_transposed_products_match(mkl_everywhere):
+    a, b, _ = operands(96, 80, 112)
+    for trans_a, trans_b in ((False, False), (True, False), (False, True), (True, True)):
+        a_ = a.T if trans_a else a
+        b_ = b.T if trans_b else b
+        expected = (a_.T if trans_a else a_) @ (b_.T if trans_b else b_)
+        got = jax.jit(lambda p, q: cpu_gemm.mkl_product(p, q, trans_a, trans_b))(a_, b_)
+        assert_close((got,), (expected,), 2e-6)
+
+
+@pytest.mark.parametrize('x_spec, w_spec', [
+    (P('data', None), P(None, None)),            # data parallel: weight gradient all-reduced over data
+    (P('data', None), P(None, 'model')),         # columns of the weight over model (qkv, fc1)
+    (P('data', 'model'), P('model', None)),      # contraction over model (out, fc2): partial sums all-reduced
+    (P(('data', 'model'), None), P(None, None)),  # batch over all eight devices
+])
+def test_sharded_products_equal_unsharded(mkl_everywhere, x_spec, w_spec):
+    mesh = jax.make_mesh((4, 2), ('data', 'model'), axis_types=(AxisType.Auto,) * 2)
+    x, w, dy = operands(128, 64, 96)
+    fn = jax.jit(lambda *a: loss_and_grads(cpu_gemm.matmul, *a))
+    sharded = (jax.device_put(x, NamedSharding(mesh, x_spec)), jax.device_put(w, NamedSharding(mesh, w_spec)),
+               jax.device_put(dy, NamedSharding(mesh, P(x_spec[0], w_spec[1]))))
+    compiled = fn.lower(*sharded).compile().as_text()
+    assert compiled.count('vit_gemm_f32') == 3
+    assert 'all-gather' not in compiled  # no operand is gathered whole: each device multiplies its own blocks
+    assert_close(fn(*sharded), jax.jit(lambda *a: loss_and_grads(jnp.matmul, *a))(x, w, dy), 2e-6)
+
+
+def _tiny_vit(**overrides):
+    return models.create_model('vit_ti16', num_classes=10, image_size=32, patch_size=8, hidden_size=64,
+                               num_layers=1, num_heads=2, mlp_dim=128, **overrides)
+
+
+# fp32 runs attention through the CPU kernel, token-major; bf16 and explicit attention maps head-major through XLA's
+# ops, with the projections token-major through MKL and transposed.
+@pytest.mark.parametrize('dtype, impl, tol', [('float32', 'auto', 1e-5), ('float32', 'xla', 1e-5),
+                                              ('bfloat16', 'auto', 3e-2)])
+def test_vit_train_gradients_through_mkl_equal_xla(monkeypatch, dtype, impl, tol):
+    """The projections of tokens take MKL (forward and both gradients), and the loss and gradients equal XLA's."""
+    model = _tiny_vit(dtype=dtype, attention_impl=impl)
+    images = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+    params = model.init(jax.random.key(1), images)
+
+    def loss(p):
+        return jnp.mean(model.apply(p, images).astype(jnp.float32) ** 2)
+
+    monkeypatch.setenv('VIT_JAX_CPU_GEMM', 'xla')
+    expected = jax.jit(jax.value_and_grad(loss))(params)
+    monkeypatch.setenv('VIT_JAX_CPU_GEMM', 'mkl')
+    fused = jax.jit(jax.value_and_grad(loss))
+    assert fused.lower(params).as_text().count('vit_gemm') == 4 * 3  # qkv, out, fc1, fc2
+    got = fused(params)
+    np.testing.assert_allclose(got[0], expected[0], rtol=tol)
+    for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(expected[1])):
+        np.testing.assert_allclose(a, b, atol=tol * float(jnp.abs(b).max()), rtol=0)
+
+
+def test_choice_is_measured_once_and_cached_on_disk(monkeypatch, tmp_path):
+    monkeypatch.setenv('VIT_JAX_CACHE', str(tmp_path))
+    monkeypatch.setenv('VIT_JAX_CPU_GEMM', 'auto')
+    choices.forget()
+    timed = []
+
+    def fake_time_both(dtype, rows, depth, cols, trans_a, trans_b):
+        timed.append((rows, depth, cols, trans_a, trans_b))
+        return {'mkl': 1.0, 'xla': 2.0} if trans_a else {'mkl': 1.0, 'xla': 1.02}  # a tie keeps XLA's dot
+
+    monkeypatch.setattr(cpu_gemm, '_time_both', fake_time_both)
+    big = 2048  # 2 * 2048^3 flops: above MIN_FLOPS
+    assert cpu_gemm.use_mkl(jnp.float32, big, big, big, trans_a=True)
+    assert not cpu_gemm.use_mkl(jnp.float32, big, big, big)
+    assert not cpu_gemm.use_mkl(jnp.float32, 64, 64, 64)  # too small to measure: XLA's dot
+    assert not cpu_gemm.use_mkl(jnp.int32, big, big, big)  # a dtype MKL's products do not take
+    assert timed == [(big, big, big, True, False), (big, big, big, False, False)]
+    saved = json.loads(next(tmp_path.glob('cpu_gemm-choices-*.json')).read_text())
+    assert saved['float32 2048x2048x2048 TN'] == {'choice': 'mkl', 'seconds': {'mkl': 1.0, 'xla': 2.0}}
+    assert saved['float32 2048x2048x2048 NN']['choice'] == 'xla'
+    # A new process (no choices in memory) reads them from disk instead of measuring again.
+    choices.forget()
+    assert cpu_gemm.use_mkl(jnp.float32, big, big, big, trans_a=True)
+    assert len(timed) == 2
+    choices.forget()
+
+
+def test_measures_real_products(monkeypatch, tmp_path):
+    monkeypatch.setenv('VIT_JAX_CACHE', str(tmp_path))
+    seconds = cpu_gemm._time_both(jnp.float32, 256, 128, 192, False, True, rounds=2)
+    assert set(seconds) == {'mkl', 'xla'} and all(0 < s < 10 for s in seconds.values())
+
+
+def test_off_and_bad_settings(monkeypatch):
+    monkeypatch.setenv('VIT_JAX_CPU_GEMM', 'xla')
+    assert not cpu_gemm.available()
+    x, w, _ = operands(64, 32, 48)
+    assert cpu_gemm.matmul(x, w) is None  # the caller keeps its own dot
+    monkeypatch.setenv('VIT_JAX_CPU_GEMM', 'mkl')
+    with cpu_gemm.xla_gemm():
+        assert not cpu_gemm.available()
+    monkeypatch.setenv('VIT_JAX_CPU_GEMM', 'fast')
+    with pytest.raises(ValueError, match=r"VIT_JAX_CPU_GEMM='fast' is not one of \('auto', 'xla', 'mkl'\)"):
+        cpu_gemm.available()
+
+
+def test_missing_mkl_names_the_fix(monkeypatch, tmp_path):
+    monkeypatch.setenv('VIT_JAX_MKL_LIB', str(tmp_path / 'libmkl_rt.so.2'))
+    assert cpu_gemm.mkl_library() is None
+    with pytest.raises(RuntimeError, match='pip install mkl'):
+        cpu_gemm.build()
