@@ -1,5 +1,7 @@
 """The fused CPU attention kernel: builds here, matches XLA's attention (values and gradients), shards by heads."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,6 +58,25 @@ def test_matches_xla_attention(monkeypatch, shape, matmuls, target):
     for i, name in enumerate(('dq', 'dk', 'dv')):
         b = ref_dqkv[:, :, i]
         np.testing.assert_allclose(dqkv[:, :, i], b, atol=2e-5 * float(jnp.abs(b).max()), rtol=0, err_msg=name)
+
+
+def test_auto_measures_own_and_mkl_matmuls_once(monkeypatch, tmp_path):
+    """By default each direction at each shape takes whichever build ran faster here, measured at first use."""
+    from vit_jax.kernels import choices, cpu_gemm
+    monkeypatch.setenv('VIT_JAX_CACHE', str(tmp_path))
+    monkeypatch.setenv('VIT_JAX_CPU_GEMM', 'auto')
+    monkeypatch.setattr(cpu_gemm, 'MIN_FLOPS', 0)
+    choices.forget()
+    shape = (2, 40, 2, 32)
+    qkv, dout = inputs(shape)
+    got = jax.jit(lambda *a: value_and_grad(lambda x: cpu_attention.attention(x, 0.2), *a))(qkv, dout)
+    saved = json.loads(next(tmp_path.glob('cpu_attention-choices-*.json')).read_text())
+    assert sorted(saved) == ['backward 2x40x3x2x32', 'forward 2x40x3x2x32']
+    assert all(set(entry['seconds']) == {'kernel', 'mkl'} for entry in saved.values())
+    expected = jax.jit(lambda *a: value_and_grad(lambda x: xla_reference(x, 0.2), *a))(qkv, dout)
+    for a, b in zip(got, expected):
+        np.testing.assert_allclose(a, b, atol=2e-5 * float(jnp.abs(b).max()), rtol=0)
+    choices.forget()
 
 
 def test_sharded_over_batch_and_heads_without_gathering():

@@ -173,3 +173,21 @@ def test_missing_mkl_names_the_fix(monkeypatch, tmp_path):
     assert cpu_gemm.mkl_library() is None
     with pytest.raises(RuntimeError, match='pip install mkl'):
         cpu_gemm.build()
+
+
+def test_auto_measures_while_a_step_is_traced(monkeypatch, tmp_path):
+    """The first trace of a projection times MKL against XLA for real (forward and both gradients), in a thread of
+    its own, and the jitted result equals XLA's whichever won."""
+    from vit_jax.models.encoder import token_dot_general
+    monkeypatch.setenv('VIT_JAX_CACHE', str(tmp_path))
+    monkeypatch.setenv('VIT_JAX_CPU_GEMM', 'auto')
+    monkeypatch.setattr(cpu_gemm, 'MIN_FLOPS', 0)
+    choices.forget()
+    x, w, dy = operands(2 * 96, 64, 80)
+    projection = lambda x, w: token_dot_general(x.reshape(2, 96, 64), w, (((2,), (0,)), ((), ()))).reshape(-1, 80)
+    got = jax.jit(lambda *a: loss_and_grads(projection, *a))(x, w, dy)
+    saved = json.loads(next(tmp_path.glob('cpu_gemm-choices-*.json')).read_text())
+    assert sorted(saved) == ['float32 192x64x80 NN', 'float32 192x80x64 NT', 'float32 64x192x80 TN']
+    assert all(entry['choice'] in ('mkl', 'xla') and entry['seconds']['mkl'] > 0 for entry in saved.values())
+    assert_close(got, jax.jit(lambda *a: loss_and_grads(jnp.matmul, *a))(x, w, dy), 2e-6)
+    choices.forget()

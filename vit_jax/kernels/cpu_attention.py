@@ -145,10 +145,9 @@ def _blas_registered() -> bool:
 def _time_variants(direction: str, shape: tuple[int, ...], rounds: int = 5) -> dict[str, float]:
     """Best seconds of the kernel's own matmuls and of its MKL variant, one direction at one qkv shape, in turns."""
     qkv = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
-    o, lse = jax.jit(functools.partial(_forward_call, 0.125, variant=''))(qkv)
-    calls = {name: jax.jit(functools.partial(_forward_call if direction == 'forward' else _backward_call, 0.125,
-                                             variant=variant))
-             for name, variant in (('kernel', ''), ('mkl', '_mkl'))}
+    o, lse = jax.jit(functools.partial(_forward_ffi, '', 0.125))(qkv)
+    call = _forward_ffi if direction == 'forward' else _backward_ffi
+    calls = {name: jax.jit(functools.partial(call, variant, 0.125)) for name, variant in (('kernel', ''), ('mkl', '_mkl'))}
     args = (qkv,) if direction == 'forward' else (qkv, o, lse, o)
     best = {name: float('inf') for name in calls}
     for i in range(rounds + 1):
@@ -187,20 +186,27 @@ def _require_kernel():
                            '`supports(dtype, head_dim)` first and take XLA\'s attention where it is False.')
 
 
-def _forward_call(scale: float, qkv, variant: str | None = None):
+def _forward_ffi(variant: str, scale: float, qkv):
     _require_kernel()
     b, n, _, h, dh = qkv.shape
-    variant = _variant('forward', qkv.shape) if variant is None else variant
     return jax.ffi.ffi_call(f'vit_attention_forward{variant}', (jax.ShapeDtypeStruct((b, n, h, dh), qkv.dtype),
                                                                 jax.ShapeDtypeStruct((b, h, n), qkv.dtype)))(
         qkv, scale=np.float32(scale))
 
 
-def _backward_call(scale: float, qkv, o, lse, do, variant: str | None = None):
+def _backward_ffi(variant: str, scale: float, qkv, o, lse, do):
     _require_kernel()
-    variant = _variant('backward', qkv.shape) if variant is None else variant
     return jax.ffi.ffi_call(f'vit_attention_backward{variant}', jax.ShapeDtypeStruct(qkv.shape, qkv.dtype))(
         qkv, o, lse, do, scale=np.float32(scale))
+
+
+# What the partitioner calls on each device's slices: the build measured faster at that (local) shape.
+def _forward_call(scale: float, qkv):
+    return _forward_ffi(_variant('forward', qkv.shape), scale, qkv)
+
+
+def _backward_call(scale: float, qkv, o, lse, do):
+    return _backward_ffi(_variant('backward', qkv.shape), scale, qkv, o, lse, do)
 
 
 _forward = _partitioned(_forward_call, (QKV,), (OUT, LSE))
