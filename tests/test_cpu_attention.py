@@ -79,6 +79,30 @@ def test_auto_measures_own_and_mkl_matmuls_once(monkeypatch, tmp_path):
     choices.forget()
 
 
+@pytest.mark.parametrize('kernel_s, xla_s, expected', [(1.0, 2.0, 'cpu_kernel'), (2.0, 1.0, 'xla'),
+                                                      (1.0, 1.02, 'cpu_kernel')])  # a tie keeps the kernel
+def test_auto_takes_the_kernel_only_where_it_beat_xla_here(monkeypatch, tmp_path, kernel_s, xla_s, expected):
+    """On a CPU where the kernel is slower than XLA's attention (its register blocks once spilled on AVX2), 'auto'
+    runs XLA's: measured once per shape; shapes too small to measure keep the kernel."""
+    from vit_jax.kernels import choices
+    monkeypatch.setenv('VIT_JAX_CACHE', str(tmp_path))
+    choices.forget()
+    timed = []
+    monkeypatch.setattr(cpu_attention, '_time_against_xla',
+                        lambda *shape: timed.append(shape) or {'kernel': kernel_s, 'xla': xla_s})
+    assert encoder.resolve_attention('auto', jnp.float32, 64, (32, 197, 3)) == expected
+    assert encoder.resolve_attention('auto', jnp.float32, 64, (32, 197, 3)) == expected
+    assert encoder.resolve_attention('auto', jnp.float32, 64, (2, 17, 2)) == 'cpu_kernel'
+    assert encoder.resolve_attention('cpu_kernel', jnp.float32, 64, (32, 197, 3)) == 'cpu_kernel'  # asked for
+    assert timed == [(32, 197, 3, 64)]
+    choices.forget()
+
+
+def test_measures_the_kernel_against_xla_for_real():
+    seconds = cpu_attention._time_against_xla(2, 40, 2, 32, rounds=1)
+    assert set(seconds) == {'kernel', 'xla'} and all(0 < s < 10 for s in seconds.values())
+
+
 def test_sharded_over_batch_and_heads_without_gathering():
     """On a (data=2, fsdp=2, tensor=2) mesh each device runs its own (batch, head) slices: same numbers, no gather."""
     shape = (8, 50, 4, 32)

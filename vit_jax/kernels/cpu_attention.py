@@ -12,7 +12,8 @@ The library is compiled on first use with the machine's C++ compiler (``g++ -O3 
 ``$VIT_JAX_CACHE`` (default ``~/.cache/vit_jax``) and loaded from there afterwards (``kernels/build.py``). Where it
 cannot be built (no compiler, say), ``available()`` is False with the reason logged once, and attention takes XLA's path: the kernel is a speed-up, never a requirement.
 ``VIT_JAX_CPU_ATTENTION=0`` turns it off for the process. Which attention a model runs is its field
-``attention_impl`` (``models/encoder.resolve_attention``: 'auto' takes the kernel where ``supports`` says it can,
+``attention_impl`` (``models/encoder.resolve_attention``: 'auto' takes the kernel where ``supports`` says it can
+and, at shapes large enough to measure, where it ran faster than XLA's attention here (``faster_than_xla``),
 'cpu_kernel' insists, 'xla' avoids it), which jit caches on. ``xla_attention()`` turns it off for the traces made
 within it only (a global, so a function jitted before keeps its trace: the benchmark jits a new one inside it to
 count model FLOPs on XLA's path, since XLA's cost analysis cannot see into a custom call); prefer the field.
@@ -176,6 +177,43 @@ def _variant(direction: str, shape: tuple[int, ...]) -> str:
     choice = choices.choose('cpu_attention', key, timer, default='kernel',
                             parts=(*cpu_gemm.mkl_key(), SOURCE.read_text()))
     return '_mkl' if choice == 'mkl' else ''
+
+
+def _time_against_xla(batch: int, tokens: int, heads: int, head_dim: int, rounds: int = 5) -> dict[str, float]:
+    """Best seconds of attention's forward and backward through the kernel (its faster build) and through XLA's
+    batched matmuls (head-major, as the model runs them without the kernel), in turns."""
+    from vit_jax.models.encoder import softmax_attention
+    rng = np.random.default_rng(0)
+    qkv = jnp.asarray(rng.standard_normal((batch, tokens, 3, heads, head_dim)), jnp.float32)
+    heads_first = jnp.asarray(rng.standard_normal((3, batch, heads, tokens, head_dim)), jnp.float32)
+    scale = head_dim ** -0.5
+
+    def train(fn, x):
+        out, vjp = jax.vjp(fn, x)
+        return vjp(out)[0]
+
+    calls = {'kernel': (jax.jit(functools.partial(train, lambda x: attention(x, scale))), qkv),
+             'xla': (jax.jit(functools.partial(train, lambda x: softmax_attention(*x, scale))), heads_first)}
+    best = {name: float('inf') for name in calls}
+    for i in range(rounds + 1):
+        for name, (fn, x) in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(x))
+            if i:  # the first round compiles
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def faster_than_xla(batch: int, tokens: int, heads: int, head_dim: int) -> bool:
+    """Whether the kernel (forward and backward) ran faster here than XLA's attention at this shape: measured once
+    per machine and cached (kernels/choices.py); calls too small to measure keep the kernel."""
+    from vit_jax.kernels import choices, cpu_gemm
+    if 4 * batch * heads * tokens * tokens * head_dim < cpu_gemm.MIN_FLOPS:
+        return True
+    timer = functools.partial(_time_against_xla, batch, tokens, heads, head_dim)
+    key = f'{batch}x{tokens}x{heads}x{head_dim} {cpu_gemm.mode()}'
+    return choices.choose('cpu_attention_vs_xla', key, timer, default='kernel',
+                          parts=(*cpu_gemm.mkl_key(), SOURCE.read_text())) == 'kernel'
 
 
 def _require_kernel():

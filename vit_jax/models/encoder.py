@@ -132,16 +132,19 @@ def _cudnn_supports(dtype, head_dim: int) -> bool:
     return major >= 8.0 and head_dim <= (256 if major >= 9.0 else 128)
 
 
-def resolve_attention(impl: str, dtype, head_dim: int) -> str:
+def resolve_attention(impl: str, dtype, head_dim: int, shape: tuple[int, int, int] | None = None) -> str:
     """``attention_impl`` -> what runs: 'auto' is cuDNN's flash attention on a GPU where the dtype and head size
-    allow, the C++ kernel on CPU in float32, XLA's attention otherwise; an explicit choice that cannot run here
-    raises, naming why."""
+    allow, the C++ kernel on CPU in float32 (given the (batch, tokens, heads) ``shape``, only where it ran faster than
+    XLA's attention on this machine: ``cpu_attention.faster_than_xla``), XLA's attention otherwise; an explicit
+    choice that cannot run here raises, naming why."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f'attention_impl={impl!r} is not one of {ATTENTION_IMPLS}.')
     if impl == 'auto':
         if _cudnn_supports(dtype, head_dim):
             return 'cudnn'
-        return 'cpu_kernel' if cpu_attention.supports(dtype, head_dim) else 'xla'
+        kernel = cpu_attention.supports(dtype, head_dim) and (
+            shape is None or cpu_attention.faster_than_xla(*shape, head_dim))
+        return 'cpu_kernel' if kernel else 'xla'
     if impl == 'cudnn' and not _cudnn_supports(dtype, head_dim):
         raise ValueError(f'attention_impl=\'cudnn\' needs a GPU of compute capability >= 8.0 and dtype in '
                          f'{CUDNN_DTYPES} with a head dimension that is a multiple of 8 (<= 128, or 256 on Hopper); '
@@ -237,7 +240,7 @@ class MultiHeadSelfAttention(nn.Module):
         scale = dh ** -0.5
         explicit = (not deterministic and self.attention_dropout_rate > 0.0) or self.is_mutable_collection(
             'attention_weights')
-        impl = resolve_attention(self.attention_impl, self.dtype, dh)
+        impl = resolve_attention(self.attention_impl, self.dtype, dh, (x.shape[0], x.shape[1], h))
         head_major = explicit or (impl == 'xla' and jax.default_backend() == 'cpu')
         qkv = QKVProjection(h, self.qkv_bias, head_major, self.dtype, self.param_dtype, name='qkv')(x)
         if explicit:
