@@ -62,10 +62,10 @@ def test_matches_xla_attention(monkeypatch, shape, matmuls, target):
 
 def test_auto_measures_own_and_mkl_matmuls_once(monkeypatch, tmp_path):
     """By default each direction at each shape takes whichever build ran faster here, measured at first use."""
-    from vit_jax.kernels import choices, cpu_gemm
+    from vit_jax.kernels import choices
     monkeypatch.setenv('VIT_JAX_CACHE', str(tmp_path))
     monkeypatch.setenv('VIT_JAX_CPU_GEMM', 'auto')
-    monkeypatch.setattr(cpu_gemm, 'MIN_FLOPS', 0)
+    monkeypatch.setattr(cpu_attention, 'MIN_FLOPS', 0)
     choices.forget()
     shape = (2, 40, 2, 32)
     qkv, dout = inputs(shape)

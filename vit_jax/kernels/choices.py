@@ -4,7 +4,9 @@ A call site names its candidates (e.g. MKL's product and XLA's dot at one shape)
 process to need a shape times them in turns, in a thread of its own (the caller may be tracing a jitted step, where
 nothing runs eagerly), and writes the times and the winner to ``$VIT_JAX_CACHE/{kind}-choices-{key}.json``, keyed by
 the CPU, the libraries and the sources. Later calls, and later processes, read the winner. The default candidate
-(XLA's own) is kept unless another beats it by ``MARGIN``: a tie keeps what XLA can fuse with its neighbours.
+(XLA's own) is kept unless another beats it by ``MARGIN``: a tie keeps what XLA can fuse with its neighbours. In a
+run of several processes nothing is measured and every call takes the default: each host would otherwise pick its own
+winner, and the hosts of one run must compile one program (``VIT_JAX_CPU_GEMM=mkl`` on every host forces MKL).
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ def choose(kind: str, key: str, timer: Callable[[], dict[str, float]], default: 
            parts: tuple[str, ...] = ()) -> str:
     """The candidate that ran fastest for ``key`` here: ``timer()`` gives each candidate's best seconds (it runs
     once per machine; ``parts``: what else the cache is keyed by, e.g. library paths and kernel sources)."""
+    if jax.process_count() > 1:
+        # Each host would measure its own winner, and hosts must compile one program: all take the default.
+        return default
     path = _path(kind, parts)
     with _lock:
         cached = _memory.setdefault(str(path), {})

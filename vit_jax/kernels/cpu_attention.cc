@@ -33,15 +33,22 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kW = 16;  // floats per vector (64 bytes); smaller hardware vectors are used in pairs or fours
-// The register blocks below (R rows x V vectors of accumulators) are sized for 32 registers of 16 floats (AVX-512).
-// With AVX2's 16 registers of 8 floats they would spill every accumulator to memory (ViT-Ti's step ran 4x slower
-// than with XLA's attention on an AVX2 EPYC): there every matmul takes 6 x 16 blocks, 12 registers of accumulators.
+// Floats per vector: one AVX-512 register, two of AVX2 (whose 16 registers of 8 floats could not hold AVX-512's
+// register blocks: every accumulator spilled, and ViT-Ti's step ran 4x slower than with XLA's attention on an AVX2
+// EPYC), four of NEON. The register blocks below (R rows x V vectors of accumulators) are sized for 32 registers of
+// 16 floats on AVX-512; elsewhere every matmul takes 6 x 16-float blocks (12 AVX2 or 24 NEON accumulators).
 #if defined(__AVX512F__)
+constexpr int kW = 16;
 constexpr bool kWideRegisters = true;
+#elif defined(__AVX__)
+constexpr int kW = 8;
+constexpr bool kWideRegisters = false;
 #else
+constexpr int kW = 16;
 constexpr bool kWideRegisters = false;
 #endif
+constexpr int kNarrowV = 16 / kW;  // vectors per 16 floats: the width of the narrow blocks
+
 typedef float vf __attribute__((vector_size(kW * sizeof(float)), aligned(4)));
 typedef int32_t vi __attribute__((vector_size(kW * sizeof(int32_t)), aligned(4)));
 
@@ -143,7 +150,7 @@ void scores(int N, int Np, int dh, const float* x, int64_t ldx, const float* y, 
 // ldb and ldc floats apart.
 void matmul_dh(int N, int nv, const float* a, int64_t ars, int64_t aks, const float* b, int64_t ldb, int K, float* c,
                int64_t ldc) {
-  if (!kWideRegisters) return matmul<6, 1>(N, nv, a, ars, aks, b, ldb, K, c, ldc);
+  if (!kWideRegisters) return matmul<6, kNarrowV>(N, nv, a, ars, aks, b, ldb, K, c, ldc);
   switch (nv) {
     case 1: matmul<12, 1>(N, 1, a, ars, aks, b, ldb, K, c, ldc); break;
     case 2: matmul<12, 2>(N, 2, a, ars, aks, b, ldb, K, c, ldc); break;
@@ -164,7 +171,7 @@ void scores(int N, int Np, int dh, const float* x, int64_t ldx, const float* y, 
       for (int j = j0; j < j0 + kW; ++j)
         for (int d = d0; d < d0 + kW; ++d) yt[int64_t(d) * Np + j] = j < N ? y[int64_t(j) * ldy + d] : 0.0f;
   if (kWideRegisters) matmul<6, 4>(N, Np / kW, x, ldx, 1, yt, Np, dh, s, Np);
-  else matmul<6, 1>(N, Np / kW, x, ldx, 1, yt, Np, dh, s, Np);
+  else matmul<6, kNarrowV>(N, Np / kW, x, ldx, 1, yt, Np, dh, s, Np);
 }
 #endif  // VIT_ATTENTION_BLAS
 
