@@ -35,7 +35,6 @@ import functools
 import logging
 import os
 import pathlib
-import time
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +42,7 @@ import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from vit_jax import timing
 from vit_jax.kernels.build import compile_library
 
 SOURCE = pathlib.Path(__file__).with_name('cpu_attention.cc')
@@ -153,14 +153,9 @@ def _time_variants(direction: str, shape: tuple[int, ...], rounds: int = 5) -> d
     call = _forward_ffi if direction == 'forward' else _backward_ffi
     calls = {name: jax.jit(functools.partial(call, variant, 0.125)) for name, variant in (('kernel', ''), ('mkl', '_mkl'))}
     args = (qkv,) if direction == 'forward' else (qkv, o, lse, o)
-    best = {name: float('inf') for name in calls}
-    for i in range(rounds + 1):
-        for name, fn in calls.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            if i:  # the first round compiles
-                best[name] = min(best[name], time.perf_counter() - start)
-    return best
+    times = timing.round_robin_seconds({name: lambda fn=fn: jax.block_until_ready(fn(*args))
+                                        for name, fn in calls.items()}, warmup=1, rounds=rounds)
+    return {name: min(t) for name, t in times.items()}
 
 
 def _variant(direction: str, shape: tuple[int, ...]) -> str:
@@ -197,14 +192,9 @@ def _time_against_xla(batch: int, tokens: int, heads: int, head_dim: int, rounds
 
     calls = {'kernel': (jax.jit(functools.partial(train, lambda x: attention(x, scale))), qkv),
              'xla': (jax.jit(functools.partial(train, lambda x: softmax_attention(*x, scale))), heads_first)}
-    best = {name: float('inf') for name in calls}
-    for i in range(rounds + 1):
-        for name, (fn, x) in calls.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn(x))
-            if i:  # the first round compiles
-                best[name] = min(best[name], time.perf_counter() - start)
-    return best
+    times = timing.round_robin_seconds({name: lambda fn=fn, x=x: jax.block_until_ready(fn(x))
+                                        for name, (fn, x) in calls.items()}, warmup=1, rounds=rounds)
+    return {name: min(t) for name, t in times.items()}
 
 
 def faster_than_xla(batch: int, tokens: int, heads: int, head_dim: int) -> bool:

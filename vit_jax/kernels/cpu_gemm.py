@@ -29,7 +29,6 @@ import logging
 import os
 import pathlib
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +36,7 @@ import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from vit_jax import timing
 from vit_jax.kernels import choices
 from vit_jax.kernels.build import compile_library
 
@@ -211,14 +211,9 @@ def _time_both(dtype, rows, depth, cols, trans_a, trans_b, rounds: int = 7) -> d
     b = jnp.asarray(rng.standard_normal((cols, depth) if trans_b else (depth, cols)), dtype)
     runners = {'mkl': jax.jit(functools.partial(mkl_product, trans_a=trans_a, trans_b=trans_b)),
                'xla': jax.jit(functools.partial(xla_product, trans_a=trans_a, trans_b=trans_b))}
-    best = {name: float('inf') for name in runners}
-    for i in range(rounds + 1):
-        for name, fn in runners.items():
-            start = time.perf_counter()
-            fn(a, b).block_until_ready()
-            if i:  # the first round compiles
-                best[name] = min(best[name], time.perf_counter() - start)
-    return best
+    times = timing.round_robin_seconds({name: lambda fn=fn: fn(a, b).block_until_ready()
+                                        for name, fn in runners.items()}, warmup=1, rounds=rounds)
+    return {name: min(t) for name, t in times.items()}
 
 
 def use_mkl(dtype, rows: int, depth: int, cols: int, trans_a: bool = False, trans_b: bool = False) -> bool:
