@@ -5,6 +5,24 @@ import pathlib
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
+
+def _share_compilations() -> None:
+    """One XLA compilation cache for this test run, its workers and the subprocesses they start (set in the
+    environment before JAX is imported): a killed-and-resumed run, its reference and the sweep's runs compile the
+    same programs, and most of a tiny model's test time is compilation. A fresh folder per run, removed at exit."""
+    if 'JAX_COMPILATION_CACHE_DIR' in os.environ:  # inherited from the run's first process, or the user's own
+        return
+    import atexit
+    import shutil
+    import tempfile
+    folder = tempfile.mkdtemp(prefix='vit_jax_tests_xla_cache_')
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=folder, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.2',
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+
+
+_share_compilations()
+
 import jax  # noqa: E402
 
 # Must happen before JAX's first use: lets the sharding tests build a (data, model) mesh on a CPU-only machine.

@@ -92,6 +92,7 @@ def quickstart_config(data_dir, **overrides):
     return config
 
 
+@pytest.mark.slow  # ~2 min of training; the resize and loading it relies on are tested above
 def test_finetune_quickstart_at_a_larger_image_size(tmp_path):
     data_dir = str(tmp_path / 'tfds')
     pretrain = tmp_path / 'pretrain'

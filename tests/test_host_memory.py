@@ -36,6 +36,7 @@ def _run(code_or_args, tunables: str) -> str:
 
 
 @needs_glibc
+@pytest.mark.slow  # ~1 min: times ViT-S steps with and without the tunables
 def test_tunables_stop_page_faults_per_call():
     if host_memory.transparent_huge_pages() == 'always':
         pytest.skip('the kernel backs large mappings with huge pages by default here: few faults either way')

@@ -139,6 +139,7 @@ def one_process_reference(workdir, digits_dir, monkeypatch, **extra) -> list[dic
 
 
 @pytest.mark.multihost
+@pytest.mark.slow  # ~2 min: `make test-multihost` runs it
 def test_two_processes_fine_tune_as_one_process(tmp_path, digits_dir, monkeypatch):
     """Fine-tuning from a checkpoint into parameters sharded over both hosts' devices (some left at init): every
     logged loss and the eval equal the single-process 8-device run's, and metrics.jsonl holds each step once.

@@ -50,7 +50,11 @@ def test_eight_fake_devices():
     assert jax.device_count() == 8  # tests/conftest.py
 
 
-@pytest.mark.parametrize('axes', [dict(data=4, tensor=2), dict(data=2, fsdp=4), dict(fsdp=8), dict(data=8)])
+SLOW = pytest.mark.slow  # meshes whose rules the faster cases already exercise
+
+
+@pytest.mark.parametrize('axes', [dict(data=4, tensor=2), dict(data=2, fsdp=4), pytest.param(dict(fsdp=8), marks=SLOW),
+                                  pytest.param(dict(data=8), marks=SLOW)])
 def test_sharded_losses_match_one_device(axes):
     single, _ = run(sharding.create_mesh(devices=jax.devices()[:1]))
     mesh = sharding.create_mesh(**{'data': 1, **axes})
@@ -92,7 +96,7 @@ def test_gradient_accumulation_matches_the_large_batch():
         np.testing.assert_allclose(a, b, atol=2e-6)
 
 
-@pytest.mark.parametrize('axes', [dict(data=8), dict(data=2, fsdp=2, tensor=2)])
+@pytest.mark.parametrize('axes', [pytest.param(dict(data=8), marks=SLOW), dict(data=2, fsdp=2, tensor=2)])
 def test_microbatches_give_the_batch_gradient(axes):
     """A step computed as 2 slices of the batch == the whole batch at once, on a sharded mesh (no dropout)."""
     model = models.create_model('vit_ti16', num_classes=10, image_size=IMAGE, patch_size=4, hidden_size=64,

@@ -124,7 +124,9 @@ def tiny(config, data_dir):
     return config
 
 
-@pytest.mark.parametrize('name', CONFIGS)
+# The hybrid's ResNet stem compiles for ~50 s even at this size: slow (its forward is in tests/test_models.py).
+@pytest.mark.parametrize('name', [pytest.param(n, marks=pytest.mark.slow) if n.startswith('r50') else n
+                                  for n in CONFIGS])
 def test_every_config_runs_two_steps(tmp_path, data_dir, name):
     config = tiny(load_config(name), data_dir)
     real = config.dataset == 'sklearn_digits'  # the bundled data are real; ImageNet is mocked
