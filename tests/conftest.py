@@ -7,18 +7,22 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 
 def _share_compilations() -> None:
-    """One XLA compilation cache for this test run, its workers and the subprocesses they start (set in the
-    environment before JAX is imported): a killed-and-resumed run, its reference and the sweep's runs compile the
-    same programs, and most of a tiny model's test time is compilation. A fresh folder per run, removed at exit."""
-    if 'JAX_COMPILATION_CACHE_DIR' in os.environ:  # inherited from the run's first process, or the user's own
+    """Caches for this test run, its workers and the subprocesses they start (set in the environment before JAX is
+    imported), in a fresh folder removed at exit:
+    - one XLA compilation cache: a killed-and-resumed run, its reference and the sweep's runs compile the same
+      programs, and most of a tiny model's test time is compilation;
+    - the kernels' builds and measured choices (``$VIT_JAX_CACHE``): choices timed while two workers load the CPU
+      must not stay in the user's ``~/.cache/vit_jax`` for later real runs."""
+    if 'VIT_JAX_TESTS_CACHE' in os.environ:  # inherited from the run's first process
         return
     import atexit
     import shutil
     import tempfile
-    folder = tempfile.mkdtemp(prefix='vit_jax_tests_xla_cache_')
+    folder = tempfile.mkdtemp(prefix='vit_jax_tests_cache_')
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    os.environ.update(JAX_COMPILATION_CACHE_DIR=folder, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.2',
-                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+    os.environ.update(VIT_JAX_TESTS_CACHE=folder, VIT_JAX_CACHE=os.path.join(folder, 'kernels'),
+                      JAX_COMPILATION_CACHE_DIR=os.path.join(folder, 'xla'),
+                      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.2', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
 
 
 _share_compilations()
