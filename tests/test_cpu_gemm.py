@@ -65,6 +65,24 @@ def test_bfloat16_within_bfloat16_rounding(mkl_everywhere):
     assert_close(ours(x, w, dy), exact, 2 ** -8)
 
 
+def test_bfloat16_through_xla_accumulates_in_float32(monkeypatch):
+    """Without MKL, bf16 projections still come through matmul: all three products are bf16 x bf16 dots with an fp32
+    result (XLA:CPU's bf16-hardware path), rounded once to bf16; a plain bf16 dot's autodiff would not be."""
+    monkeypatch.setenv('VIT_JAX_CPU_GEMM', 'xla')
+    x, w, dy = operands(256, 192, 320, jnp.bfloat16)
+    ours = jax.jit(lambda *a: loss_and_grads(cpu_gemm.matmul, *a))
+    hlo = ours.lower(x, w, dy).as_text()
+    assert 'vit_gemm' not in hlo
+    dots = [line for line in hlo.splitlines() if 'stablehlo.dot_general' in line]
+    assert len(dots) == 3 and all('bf16>, tensor<' in d and d.rstrip().endswith('xf32>') for d in dots), dots
+    exact = loss_and_grads(lambda a, b: (a.astype(jnp.float32) @ b.astype(jnp.float32)).astype(jnp.bfloat16),
+                           x, w, dy)
+    assert_close(ours(x, w, dy), exact, 2 ** -8)
+    assert cpu_gemm.matmul(x.astype(jnp.float32), w.astype(jnp.float32)) is None  # fp32 keeps the caller's dot
+    with cpu_gemm.xla_gemm():
+        assert cpu_gemm.matmul(x, w) is None  # the FLOP-count twin traces plain dots
+
+
 def test_transposed_products_match(mkl_everywhere):
     a, b, _ = operands(96, 80, 112)
     for trans_a, trans_b in ((False, False), (True, False), (False, True), (True, True)):
@@ -128,11 +146,11 @@ def test_choice_is_measured_once_and_cached_on_disk(monkeypatch, tmp_path):
     choices.forget()
     timed = []
 
-    def fake_time_both(dtype, rows, depth, cols, trans_a, trans_b):
+    def fake_time_candidates(dtype, rows, depth, cols, trans_a, trans_b):
         timed.append((rows, depth, cols, trans_a, trans_b))
         return {'mkl': 1.0, 'xla': 2.0} if trans_a else {'mkl': 1.0, 'xla': 1.02}  # a tie keeps XLA's dot
 
-    monkeypatch.setattr(cpu_gemm, '_time_both', fake_time_both)
+    monkeypatch.setattr(cpu_gemm, '_time_candidates', fake_time_candidates)
     big = 2048  # 2 * 2048^3 flops: above MIN_FLOPS
     assert cpu_gemm.use_mkl(jnp.float32, big, big, big, trans_a=True)
     assert not cpu_gemm.use_mkl(jnp.float32, big, big, big)
@@ -151,8 +169,23 @@ def test_choice_is_measured_once_and_cached_on_disk(monkeypatch, tmp_path):
 
 def test_measures_real_products(monkeypatch, tmp_path):
     monkeypatch.setenv('VIT_JAX_CACHE', str(tmp_path))
-    seconds = cpu_gemm._time_both(jnp.float32, 256, 128, 192, False, True, rounds=2)
+    seconds = cpu_gemm._time_candidates(jnp.float32, 256, 128, 192, False, True, rounds=2)
     assert set(seconds) == {'mkl', 'xla'} and all(0 < s < 10 for s in seconds.values())
+    # A weight gradient (TN) also tries XLA's dot of a transposed copy; an odd number of rows cannot take it.
+    seconds = cpu_gemm._time_candidates(jnp.bfloat16, 256, 128, 192, True, False, rounds=2)
+    assert set(seconds) == {'mkl', 'xla', 'xla_transposed'} and all(0 < s < 10 for s in seconds.values())
+    assert cpu_gemm._candidates(255, True) == ('xla', 'mkl')
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_transposed_copy_is_the_transpose_and_is_not_folded_into_the_dot(dtype):
+    a, _, b = operands(80, 96, 112, dtype)  # a (80, 96), b (80, 112): op(a) = a^T (96, 80)
+    np.testing.assert_array_equal(cpu_gemm.transposed_copy(a), a.T)
+    fn = jax.jit(lambda p, q: cpu_gemm._run('xla_transposed', p, q, True, False))
+    dots = [line for line in fn.lower(a, b).compile().as_text().splitlines() if ' dot(' in line]
+    assert dots and all('lhs_contracting_dims={1}' in line for line in dots)  # a row-major lhs: NN, not TN
+    expected = a.astype(jnp.float32).T @ b.astype(jnp.float32)
+    assert_close((fn(a, b).astype(jnp.float32),), (expected,), 2e-6 if dtype == jnp.float32 else 2 ** -8)
 
 
 def test_off_and_bad_settings(monkeypatch):
@@ -188,6 +221,7 @@ def test_auto_measures_while_a_step_is_traced(monkeypatch, tmp_path):
     got = jax.jit(lambda *a: loss_and_grads(projection, *a))(x, w, dy)
     saved = json.loads(next(tmp_path.glob('cpu_gemm-choices-*.json')).read_text())
     assert sorted(saved) == ['float32 192x64x80 NN', 'float32 192x80x64 NT', 'float32 64x192x80 TN']
-    assert all(entry['choice'] in ('mkl', 'xla') and entry['seconds']['mkl'] > 0 for entry in saved.values())
+    assert all(entry['choice'] in entry['seconds'] and entry['seconds']['mkl'] > 0 for entry in saved.values())
+    assert set(saved['float32 64x192x80 TN']['seconds']) == {'mkl', 'xla', 'xla_transposed'}
     assert_close(got, jax.jit(lambda *a: loss_and_grads(jnp.matmul, *a))(x, w, dy), 2e-6)
     choices.forget()

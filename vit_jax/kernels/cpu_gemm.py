@@ -45,6 +45,8 @@ MODES = ('auto', 'xla', 'mkl')
 # 2 M K N below this (a few ms on one core) is not measured: XLA's dot, with no call overhead, is as good.
 MIN_FLOPS = 2 ** 28
 DTYPES = ('float32', 'bfloat16')
+# In the choices' key: choices made against other candidates are measured again.
+CANDIDATES_VERSION = 'xla (bf16 accumulates in fp32), mkl, xla_transposed'
 
 _disabled_here = False
 
@@ -195,8 +197,24 @@ def mkl_product(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool
 
 
 def xla_product(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
-    """The same product through XLA's dot (dimension numbers, no transposed copies), in the operands' dtype."""
-    return jax.lax.dot_general(a, b, (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ())))
+    """The same product through XLA's dot (dimension numbers, no transposed copies), in the operands' dtype. bf16
+    operands accumulate in fp32, as MKL's do: XLA:CPU runs a bf16 dot with bf16 hardware (AVX512-BF16 through its
+    YNNPACK fusion) only when its result is fp32; with a bf16 result it ran at under half that rate."""
+    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+    if a.dtype == jnp.bfloat16:
+        return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32).astype(a.dtype)
+    return jax.lax.dot_general(a, b, dims)
+
+
+def transposed_copy(a: jax.Array) -> jax.Array:
+    """a.T (a 2-D, its columns even) written out row-major, in a form XLA cannot fold into the dot that reads it.
+
+    A weight gradient contracts the tokens, the leading dimension of both of its operands (TN). XLA folds a plain
+    transpose into the dot's dimension numbers, and XLA:CPU ran such bf16 dots at ~35% of the rate of the same
+    product with its lhs row-major (NN), converting both operands to fp32 first; a 3-D transpose between reshapes is
+    a real copy, which cost ~1-4 ms at ViT-S's shapes against ~30 ms saved (benchmarks/README.md)."""
+    depth, rows = a.shape
+    return a.reshape(depth, rows // 2, 2).transpose(1, 2, 0).reshape(rows, depth)
 
 
 # The choice per shape: measured once per machine, cached in memory and on disk (kernels/choices.py).
@@ -204,37 +222,57 @@ def _product_key(dtype, rows: int, depth: int, cols: int, trans_a: bool, trans_b
     return f'{jnp.dtype(dtype).name} {rows}x{depth}x{cols} {"T" if trans_a else "N"}{"T" if trans_b else "N"}'
 
 
-def _time_both(dtype, rows, depth, cols, trans_a, trans_b, rounds: int = 7) -> dict[str, float]:
-    """Best seconds of MKL's and XLA's product at this shape, timed in turns on random operands."""
+def _candidates(rows: int, trans_a: bool) -> tuple[str, ...]:
+    """The implementations a product may take here: XLA's dot always; MKL's where it is built and allowed; for a
+    weight gradient (op(a) = a^T) with an even number of rows, XLA's dot of ``transposed_copy(a)``."""
+    return ('xla', *(('mkl',) if available() else ()), *(('xla_transposed',) if trans_a and rows % 2 == 0 else ()))
+
+
+def _run(name: str, a, b, trans_a: bool, trans_b: bool):
+    if name == 'mkl':
+        return mkl_product(a, b, trans_a, trans_b)
+    if name == 'xla_transposed':
+        return xla_product(transposed_copy(a), b, False, trans_b)
+    return xla_product(a, b, trans_a, trans_b)
+
+
+def _time_candidates(dtype, rows, depth, cols, trans_a, trans_b, rounds: int = 7) -> dict[str, float]:
+    """Best seconds of each candidate product at this shape, timed in turns on random operands."""
     rng = np.random.default_rng(0)
     a = jnp.asarray(rng.standard_normal((depth, rows) if trans_a else (rows, depth)), dtype)
     b = jnp.asarray(rng.standard_normal((cols, depth) if trans_b else (depth, cols)), dtype)
-    runners = {'mkl': jax.jit(functools.partial(mkl_product, trans_a=trans_a, trans_b=trans_b)),
-               'xla': jax.jit(functools.partial(xla_product, trans_a=trans_a, trans_b=trans_b))}
+    runners = {name: jax.jit(functools.partial(_run, name, trans_a=trans_a, trans_b=trans_b))
+               for name in _candidates(rows, trans_a)}
     times = timing.round_robin_seconds({name: lambda fn=fn: fn(a, b).block_until_ready()
                                         for name, fn in runners.items()}, warmup=1, rounds=rounds)
     return {name: min(t) for name, t in times.items()}
 
 
-def use_mkl(dtype, rows: int, depth: int, cols: int, trans_a: bool = False, trans_b: bool = False) -> bool:
-    """Whether the product op(a) (rows, depth) x op(b) (depth, cols) takes MKL here (see the module's docstring)."""
-    if jnp.dtype(dtype).name not in DTYPES or not available():
-        return False
-    if mode() == 'mkl':
-        return True
-    if 2 * rows * depth * cols < MIN_FLOPS:
-        return False
+def implementation(dtype, rows: int, depth: int, cols: int, trans_a: bool = False, trans_b: bool = False) -> str:
+    """Which candidate (``_candidates``) the product op(a) (rows, depth) x op(b) (depth, cols) takes here: the one
+    measured fastest, with XLA's plain dot the default (see the module's docstring)."""
+    if jnp.dtype(dtype).name not in DTYPES or _disabled_here or jax.default_backend() != 'cpu':
+        return 'xla'
+    if mode() == 'mkl' and available():
+        return 'mkl'
+    candidates = _candidates(rows, trans_a)
+    if 2 * rows * depth * cols < MIN_FLOPS or len(candidates) == 1:
+        return 'xla'
     key = _product_key(dtype, rows, depth, cols, trans_a, trans_b)
-    timer = functools.partial(_time_both, dtype, rows, depth, cols, trans_a, trans_b)
-    return choices.choose('cpu_gemm', key, timer, default='xla', parts=(*mkl_key(), SOURCE.read_text())) == 'mkl'
+    timer = functools.partial(_time_candidates, dtype, rows, depth, cols, trans_a, trans_b)
+    return choices.choose('cpu_gemm', key, timer, default='xla',
+                          parts=(*mkl_key(), SOURCE.read_text(), CANDIDATES_VERSION, mode()))
+
+
+def use_mkl(dtype, rows: int, depth: int, cols: int, trans_a: bool = False, trans_b: bool = False) -> bool:
+    """Whether the product op(a) (rows, depth) x op(b) (depth, cols) takes MKL here."""
+    return implementation(dtype, rows, depth, cols, trans_a, trans_b) == 'mkl'
 
 
 def _product_of(a, b, trans_a: bool, trans_b: bool, dtype):
     rows, depth = (a.shape[1], a.shape[0]) if trans_a else a.shape
     cols = b.shape[0] if trans_b else b.shape[1]
-    if use_mkl(dtype, rows, depth, cols, trans_a, trans_b):
-        return mkl_product(a, b, trans_a, trans_b).astype(dtype)
-    return xla_product(a, b, trans_a, trans_b)
+    return _run(implementation(dtype, rows, depth, cols, trans_a, trans_b), a, b, trans_a, trans_b).astype(dtype)
 
 
 @jax.custom_vjp
@@ -257,11 +295,14 @@ _matmul.defvjp(_matmul_forward, _matmul_backward)
 
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array | None:
     """x (M, K) @ w (K, N) with each of its products (forward and both gradients) through MKL or XLA, as measured;
-    None where none of the three would take MKL (the caller keeps its plain dot, and XLA's autodiff of it)."""
-    if x.ndim != 2 or w.ndim != 2 or x.dtype != w.dtype or not available():
+    None where none of the three would take MKL and the dtype is fp32 (the caller keeps its plain dot, and XLA's
+    autodiff of it). bf16 on CPU always comes here, MKL or not, so that all three products accumulate in fp32
+    (``xla_product``; autodiff of one such dot would give fp32 x bf16 gradient products, which XLA runs in fp32)."""
+    if (x.ndim != 2 or w.ndim != 2 or x.dtype != w.dtype or _disabled_here or jax.default_backend() != 'cpu'
+            or jnp.dtype(x.dtype).name not in DTYPES):
         return None
     (m, k), n = x.shape, w.shape[1]
-    if not any((use_mkl(x.dtype, m, k, n), use_mkl(x.dtype, m, n, k, trans_b=True),
-                use_mkl(x.dtype, k, m, n, trans_a=True))):
+    if x.dtype != jnp.bfloat16 and all(implementation(x.dtype, *shape) == 'xla' for shape in (
+            (m, k, n), (m, n, k, False, True), (k, m, n, True, False))):
         return None
     return _matmul(x, w)

@@ -142,7 +142,8 @@ def resolve_attention(impl: str, dtype, head_dim: int, shape: tuple[int, int, in
     if impl == 'auto':
         if _cudnn_supports(dtype, head_dim):
             return 'cudnn'
-        kernel = cpu_attention.supports(dtype, head_dim) and (
+        # bf16 on CPU too: the kernel computes in fp32 (``kernel_dtype``), faster than XLA's bf16 attention here.
+        kernel = cpu_attention.supports(kernel_dtype(dtype), head_dim) and (
             shape is None or cpu_attention.faster_than_xla(*shape, head_dim))
         return 'cpu_kernel' if kernel else 'xla'
     if impl == 'cudnn' and not _cudnn_supports(dtype, head_dim):
@@ -150,12 +151,19 @@ def resolve_attention(impl: str, dtype, head_dim: int, shape: tuple[int, int, in
                          f'{CUDNN_DTYPES} with a head dimension that is a multiple of 8 (<= 128, or 256 on Hopper); '
                          f'here: backend {jax.default_backend()}, dtype {jnp.dtype(dtype).name}, head dim {head_dim}. '
                          f'Use attention_impl=\'auto\' (it falls back to XLA\'s attention) or model.dtype=bfloat16.')
-    if impl == 'cpu_kernel' and not cpu_attention.supports(dtype, head_dim):
-        raise ValueError(f'attention_impl=\'cpu_kernel\' needs the CPU backend, float32 and a head dimension that is a '
-                         f'multiple of {cpu_attention.VECTOR}, with the kernel built; here: backend '
+    if impl == 'cpu_kernel' and not cpu_attention.supports(kernel_dtype(dtype), head_dim):
+        raise ValueError(f'attention_impl=\'cpu_kernel\' needs the CPU backend, float32 or bfloat16 and a head '
+                         f'dimension that is a multiple of {cpu_attention.VECTOR}, with the kernel built; here: backend '
                          f'{jax.default_backend()}, dtype {jnp.dtype(dtype).name}, head dim {head_dim}. Use '
                          f'attention_impl=\'auto\'.')
     return impl
+
+
+def kernel_dtype(dtype):
+    """The dtype the CPU attention kernel computes a model of this dtype in: fp32 for fp32 and bf16 (a bf16 model's
+    q, k, v are widened for it and its output rounded back: the kernel's fp32 matmuls beat XLA's bf16 attention on
+    CPUs without bf16 hardware and on AVX512-BF16 alike), else the dtype itself (which it does not take)."""
+    return jnp.float32 if jnp.dtype(dtype) in (jnp.float32, jnp.bfloat16) else dtype
 
 
 def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
@@ -253,7 +261,7 @@ class MultiHeadSelfAttention(nn.Module):
         elif head_major:
             y = softmax_attention(*qkv, scale)  # (B, H, N, dh)
         elif impl == 'cpu_kernel':
-            y = cpu_attention.attention(qkv, scale)  # (B, N, H, dh)
+            y = cpu_attention.attention(qkv.astype(jnp.float32), scale).astype(qkv.dtype)  # (B, N, H, dh)
         else:
             y = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], scale=scale,
                                              implementation=impl)
