@@ -47,6 +47,7 @@ import numpy as np  # noqa: E402
 from vit_jax import host_memory, models, sharding, timing  # noqa: E402
 from vit_jax.kernels import cpu_attention, cpu_gemm  # noqa: E402
 from vit_jax.kernels.build import cpu_flags, cpu_model  # noqa: E402
+from vit_jax.models import encoder  # noqa: E402
 from vit_jax.objectives import Supervised  # noqa: E402
 from vit_jax.train.config import base_config, load_config  # noqa: E402
 from vit_jax.train.optim import create_optimizer  # noqa: E402
@@ -129,12 +130,15 @@ TOKEN_PROJECTIONS = ('qkv', 'out', 'fc1', 'fc2')  # through models/encoder.token
 DENSE_TRANSPOSES = {'ik,kj->ij': (False, False), 'ik,jk->ij': (False, True), 'ij,ik->jk': (True, False)}
 
 
-def _takes_mkl(equation: str, lhs_shape, rhs_shape, dtype) -> bool:
-    """Whether the train step runs this dense product through MKL (cpu_gemm's measured choice at its shape)."""
+def _step_product(equation: str, lhs_shape, rhs_shape, dtype) -> str | None:
+    """The candidate the train step runs this dense product through (``cpu_gemm.implementation``, as measured at
+    its shape) where the step takes ``cpu_gemm.matmul``; None where it keeps XLA's plain dot."""
     trans_a, trans_b = DENSE_TRANSPOSES[equation]
     rows, depth = lhs_shape[::-1] if trans_a else lhs_shape
     cols = rhs_shape[0] if trans_b else rhs_shape[1]
-    return cpu_gemm.use_mkl(dtype, rows, depth, cols, trans_a, trans_b)
+    name = cpu_gemm.implementation(dtype, rows, depth, cols, trans_a, trans_b)
+    through_matmul = jax.default_backend() == 'cpu' and (name != 'xla' or jnp.dtype(dtype) == jnp.bfloat16)
+    return name if through_matmul else None
 
 
 def prepare_matmuls(model, args) -> tuple[dict[str, tuple[float, int]], dict[str, Callable[[], Any]]]:
@@ -146,16 +150,20 @@ def prepare_matmuls(model, args) -> tuple[dict[str, tuple[float, int]], dict[str
     """
     slice_batch = args.batch // jax.device_count() // args.microbatches
     heads = model.hidden_size // model.num_heads
-    kernel = cpu_attention.supports(args.dtype, heads)
+    kernel = cpu_attention.supports(encoder.kernel_dtype(args.dtype), heads)  # bf16 runs it in fp32
     rng = np.random.default_rng(0)
     flops, runners, attention = {}, {}, []
     for name, equation, lhs_shape, rhs_shape, count in vit_matmuls(model, slice_batch, args.num_classes):
         lhs, rhs = (jnp.asarray(rng.normal(size=s), args.dtype) for s in (lhs_shape, rhs_shape))
         lowered = jax.jit(lambda a, b, equation=equation: jnp.einsum(equation, a, b)).lower(lhs, rhs)
-        if name.split()[0] in TOKEN_PROJECTIONS and _takes_mkl(equation, lhs_shape, rhs_shape, args.dtype):
-            # The step runs this product through MKL (kernels/cpu_gemm): time that, with XLA's FLOP count.
+        product_name = (_step_product(equation, lhs_shape, rhs_shape, args.dtype)
+                        if name.split()[0] in TOKEN_PROJECTIONS else None)
+        if product_name is not None:
+            # The step runs this product through cpu_gemm (MKL, or XLA's dot accumulating bf16 in fp32): time that,
+            # with XLA's FLOP count.
             trans_a, trans_b = DENSE_TRANSPOSES[equation]
-            product = jax.jit(functools.partial(cpu_gemm.mkl_product, trans_a=trans_a, trans_b=trans_b))
+            product = jax.jit(functools.partial(cpu_gemm.run_product, product_name, trans_a=trans_a,
+                                                trans_b=trans_b))
             flops[name] = (float(lowered.cost_analysis().get('flops', 0.0)), count * args.microbatches)
             runners[f'matmul:{name}'] = lambda lhs=lhs, rhs=rhs, f=product: f(lhs, rhs).block_until_ready()
             continue
@@ -168,7 +176,7 @@ def prepare_matmuls(model, args) -> tuple[dict[str, tuple[float, int]], dict[str
     if kernel:
         flops[ATTENTION_KERNEL] = (sum(f for f, _ in attention), attention[0][1])
         tokens = model.grid_size ** 2 + model.num_prefix_tokens
-        qkv = jnp.asarray(rng.normal(size=(slice_batch, tokens, 3, model.num_heads, heads)), args.dtype)
+        qkv = jnp.asarray(rng.normal(size=(slice_batch, tokens, 3, model.num_heads, heads)), jnp.float32)
         dout = qkv[:, :, 0]
 
         @jax.jit

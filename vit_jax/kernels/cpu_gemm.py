@@ -46,7 +46,7 @@ MODES = ('auto', 'xla', 'mkl')
 MIN_FLOPS = 2 ** 28
 DTYPES = ('float32', 'bfloat16')
 # In the choices' key: choices made against other candidates are measured again.
-CANDIDATES_VERSION = 'xla (bf16 accumulates in fp32), mkl, xla_transposed'
+CANDIDATES_VERSION = 'xla (bf16 accumulates in fp32), mkl, xla_transposed (bf16)'
 
 _disabled_here = False
 
@@ -222,13 +222,16 @@ def _product_key(dtype, rows: int, depth: int, cols: int, trans_a: bool, trans_b
     return f'{jnp.dtype(dtype).name} {rows}x{depth}x{cols} {"T" if trans_a else "N"}{"T" if trans_b else "N"}'
 
 
-def _candidates(rows: int, trans_a: bool) -> tuple[str, ...]:
-    """The implementations a product may take here: XLA's dot always; MKL's where it is built and allowed; for a
-    weight gradient (op(a) = a^T) with an even number of rows, XLA's dot of ``transposed_copy(a)``."""
-    return ('xla', *(('mkl',) if available() else ()), *(('xla_transposed',) if trans_a and rows % 2 == 0 else ()))
+def _candidates(dtype, rows: int, trans_a: bool) -> tuple[str, ...]:
+    """The implementations a product may take here: XLA's dot always; MKL's where it is built and allowed; for a bf16
+    weight gradient (op(a) = a^T) with an even number of rows, XLA's dot of ``transposed_copy(a)``. Not in fp32: there
+    it won alone by <= 10% at ViT-Ti's shapes, but ViT-Ti's and ViT-S's fp32 train steps ran ~10% slower with it."""
+    transposed = trans_a and rows % 2 == 0 and jnp.dtype(dtype) == jnp.bfloat16
+    return ('xla', *(('mkl',) if available() else ()), *(('xla_transposed',) if transposed else ()))
 
 
-def _run(name: str, a, b, trans_a: bool, trans_b: bool):
+def run_product(name: str, a, b, trans_a: bool, trans_b: bool) -> jax.Array:
+    """op(a) op(b) through the candidate ``name`` (``_candidates``); fp32 from MKL, else the operands' dtype."""
     if name == 'mkl':
         return mkl_product(a, b, trans_a, trans_b)
     if name == 'xla_transposed':
@@ -241,8 +244,8 @@ def _time_candidates(dtype, rows, depth, cols, trans_a, trans_b, rounds: int = 7
     rng = np.random.default_rng(0)
     a = jnp.asarray(rng.standard_normal((depth, rows) if trans_a else (rows, depth)), dtype)
     b = jnp.asarray(rng.standard_normal((cols, depth) if trans_b else (depth, cols)), dtype)
-    runners = {name: jax.jit(functools.partial(_run, name, trans_a=trans_a, trans_b=trans_b))
-               for name in _candidates(rows, trans_a)}
+    runners = {name: jax.jit(functools.partial(run_product, name, trans_a=trans_a, trans_b=trans_b))
+               for name in _candidates(dtype, rows, trans_a)}
     times = timing.round_robin_seconds({name: lambda fn=fn: fn(a, b).block_until_ready()
                                         for name, fn in runners.items()}, warmup=1, rounds=rounds)
     return {name: min(t) for name, t in times.items()}
@@ -255,7 +258,7 @@ def implementation(dtype, rows: int, depth: int, cols: int, trans_a: bool = Fals
         return 'xla'
     if mode() == 'mkl' and available():
         return 'mkl'
-    candidates = _candidates(rows, trans_a)
+    candidates = _candidates(dtype, rows, trans_a)
     if 2 * rows * depth * cols < MIN_FLOPS or len(candidates) == 1:
         return 'xla'
     key = _product_key(dtype, rows, depth, cols, trans_a, trans_b)
@@ -272,7 +275,8 @@ def use_mkl(dtype, rows: int, depth: int, cols: int, trans_a: bool = False, tran
 def _product_of(a, b, trans_a: bool, trans_b: bool, dtype):
     rows, depth = (a.shape[1], a.shape[0]) if trans_a else a.shape
     cols = b.shape[0] if trans_b else b.shape[1]
-    return _run(implementation(dtype, rows, depth, cols, trans_a, trans_b), a, b, trans_a, trans_b).astype(dtype)
+    name = implementation(dtype, rows, depth, cols, trans_a, trans_b)
+    return run_product(name, a, b, trans_a, trans_b).astype(dtype)
 
 
 @jax.custom_vjp

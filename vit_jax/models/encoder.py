@@ -142,7 +142,7 @@ def resolve_attention(impl: str, dtype, head_dim: int, shape: tuple[int, int, in
     if impl == 'auto':
         if _cudnn_supports(dtype, head_dim):
             return 'cudnn'
-        # bf16 on CPU too: the kernel computes in fp32 (``kernel_dtype``), faster than XLA's bf16 attention here.
+        # bf16 on CPU too: the kernel computes it in fp32 (``kernel_dtype``).
         kernel = cpu_attention.supports(kernel_dtype(dtype), head_dim) and (
             shape is None or cpu_attention.faster_than_xla(*shape, head_dim))
         return 'cpu_kernel' if kernel else 'xla'
@@ -153,16 +153,17 @@ def resolve_attention(impl: str, dtype, head_dim: int, shape: tuple[int, int, in
                          f'Use attention_impl=\'auto\' (it falls back to XLA\'s attention) or model.dtype=bfloat16.')
     if impl == 'cpu_kernel' and not cpu_attention.supports(kernel_dtype(dtype), head_dim):
         raise ValueError(f'attention_impl=\'cpu_kernel\' needs the CPU backend, float32 or bfloat16 and a head '
-                         f'dimension that is a multiple of {cpu_attention.VECTOR}, with the kernel built; here: backend '
-                         f'{jax.default_backend()}, dtype {jnp.dtype(dtype).name}, head dim {head_dim}. Use '
+                         f'dimension that is a multiple of {cpu_attention.VECTOR}, with the kernel built; here: '
+                         f'backend {jax.default_backend()}, dtype {jnp.dtype(dtype).name}, head dim {head_dim}. Use '
                          f'attention_impl=\'auto\'.')
     return impl
 
 
 def kernel_dtype(dtype):
     """The dtype the CPU attention kernel computes a model of this dtype in: fp32 for fp32 and bf16 (a bf16 model's
-    q, k, v are widened for it and its output rounded back: the kernel's fp32 matmuls beat XLA's bf16 attention on
-    CPUs without bf16 hardware and on AVX512-BF16 alike), else the dtype itself (which it does not take)."""
+    q, k, v are widened for it and its output rounded back; a bf16 ViT-S step on an AVX512-BF16 EPYC ran faster with
+    it and the weight gradients' transposed copies together, benchmarks/README.md), else the dtype itself (which it
+    does not take)."""
     return jnp.float32 if jnp.dtype(dtype) in (jnp.float32, jnp.bfloat16) else dtype
 
 
