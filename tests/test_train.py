@@ -124,8 +124,12 @@ def tiny(config, data_dir):
     return config
 
 
-# The hybrid's ResNet stem compiles for ~50 s even at this size: slow (its forward is in tests/test_models.py).
-@pytest.mark.parametrize('name', [pytest.param(n, marks=pytest.mark.slow) if n.startswith('r50') else n
+# Slow: the hybrid (its ResNet stem compiles for ~50 s even at this size), T2T (~30 s) and deit_b16 (deit_s16's
+# recipe at another width); their forward passes are in tests/test_models.py.
+SLOW_CONFIGS = ('r50_vit_b16', 't2t_vit_14', 'deit_b16')
+
+
+@pytest.mark.parametrize('name', [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_CONFIGS else n
                                   for n in CONFIGS])
 def test_every_config_runs_two_steps(tmp_path, data_dir, name):
     config = tiny(load_config(name), data_dir)
