@@ -131,14 +131,14 @@ DENSE_TRANSPOSES = {'ik,kj->ij': (False, False), 'ik,jk->ij': (False, True), 'ij
 
 
 def _step_product(equation: str, lhs_shape, rhs_shape, dtype) -> str | None:
-    """The candidate the train step runs this dense product through (``cpu_gemm.implementation``, as measured at
-    its shape) where the step takes ``cpu_gemm.matmul``; None where it keeps XLA's plain dot."""
+    """On CPU, the candidate the train step runs this dense product through (``cpu_gemm.implementation``, as measured
+    at its shape; its 'xla' in fp32 is the step's plain dot); None elsewhere."""
+    if not cpu_gemm.applies(dtype):
+        return None
     trans_a, trans_b = DENSE_TRANSPOSES[equation]
     rows, depth = lhs_shape[::-1] if trans_a else lhs_shape
     cols = rhs_shape[0] if trans_b else rhs_shape[1]
-    name = cpu_gemm.implementation(dtype, rows, depth, cols, trans_a, trans_b)
-    through_matmul = jax.default_backend() == 'cpu' and (name != 'xla' or jnp.dtype(dtype) == jnp.bfloat16)
-    return name if through_matmul else None
+    return cpu_gemm.implementation(dtype, rows, depth, cols, trans_a, trans_b)
 
 
 def prepare_matmuls(model, args) -> tuple[dict[str, tuple[float, int]], dict[str, Callable[[], Any]]]:
@@ -159,8 +159,8 @@ def prepare_matmuls(model, args) -> tuple[dict[str, tuple[float, int]], dict[str
         product_name = (_step_product(equation, lhs_shape, rhs_shape, args.dtype)
                         if name.split()[0] in TOKEN_PROJECTIONS else None)
         if product_name is not None:
-            # The step runs this product through cpu_gemm (MKL, or XLA's dot accumulating bf16 in fp32): time that,
-            # with XLA's FLOP count.
+            # Timed as the step runs it on CPU (cpu_gemm's measured candidate: MKL, a transposed copy, or XLA's dot
+            # with bf16 accumulating in fp32), with XLA's FLOP count.
             trans_a, trans_b = DENSE_TRANSPOSES[equation]
             product = jax.jit(functools.partial(cpu_gemm.run_product, product_name, trans_a=trans_a,
                                                 trans_b=trans_b))

@@ -251,10 +251,16 @@ def _time_candidates(dtype, rows, depth, cols, trans_a, trans_b, rounds: int = 7
     return {name: min(t) for name, t in times.items()}
 
 
+def applies(dtype) -> bool:
+    """Whether projections of this dtype may leave XLA's plain dot here: a dtype in ``DTYPES``, JAX on CPU, and not
+    within ``xla_gemm()``."""
+    return jnp.dtype(dtype).name in DTYPES and not _disabled_here and jax.default_backend() == 'cpu'
+
+
 def implementation(dtype, rows: int, depth: int, cols: int, trans_a: bool = False, trans_b: bool = False) -> str:
     """Which candidate (``_candidates``) the product op(a) (rows, depth) x op(b) (depth, cols) takes here: the one
     measured fastest, with XLA's plain dot the default (see the module's docstring)."""
-    if jnp.dtype(dtype).name not in DTYPES or _disabled_here or jax.default_backend() != 'cpu':
+    if not applies(dtype):
         return 'xla'
     if mode() == 'mkl' and available():
         return 'mkl'
@@ -302,8 +308,7 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array | None:
     None where none of the three would take MKL and the dtype is fp32 (the caller keeps its plain dot, and XLA's
     autodiff of it). bf16 on CPU always comes here, MKL or not, so that all three products accumulate in fp32
     (``xla_product``; autodiff of one such dot would give fp32 x bf16 gradient products, which XLA runs in fp32)."""
-    if (x.ndim != 2 or w.ndim != 2 or x.dtype != w.dtype or _disabled_here or jax.default_backend() != 'cpu'
-            or jnp.dtype(x.dtype).name not in DTYPES):
+    if x.ndim != 2 or w.ndim != 2 or x.dtype != w.dtype or not applies(x.dtype):
         return None
     (m, k), n = x.shape, w.shape[1]
     if x.dtype != jnp.bfloat16 and all(implementation(x.dtype, *shape) == 'xla' for shape in (
