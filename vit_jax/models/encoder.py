@@ -78,6 +78,61 @@ def token_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precisi
     return y.reshape(*lhs.shape[:lead], *y.shape[1:])
 
 
+def bias_add(y: jax.Array, bias: jax.Array) -> jax.Array:
+    """y + bias over y's trailing dims, in y's dtype.
+
+    Where y is of a lower precision than the bias (bf16 activations, fp32 parameters) the bias's gradient, the sum of
+    the output gradient over every token, is accumulated in fp32 and kept so (``_bias_add``). Autodiff of
+    ``y + bias.astype(y.dtype)`` sums in bf16 instead, and XLA:CPU ran that sum as a tree of windowed reductions
+    over an fp32 copy of the gradient: ~1 s of a 4.4 s bf16 ViT-S train step (benchmarks/README.md).
+    """
+    if y.dtype == bias.dtype or y.shape[y.ndim - bias.ndim:] != bias.shape:
+        return y + bias.astype(y.dtype)
+    return _bias_add(y, bias)
+
+
+@jax.custom_vjp
+def _bias_add(y, bias):
+    return y + bias.astype(y.dtype)
+
+
+def _bias_add_forward(y, bias):
+    return _bias_add(y, bias), bias
+
+
+def _bias_add_backward(bias, dy):
+    rows = dy.reshape(-1, bias.size)  # the tokens in one dimension: a plain column sum
+    return dy, jnp.sum(rows, axis=0, dtype=jnp.float32).reshape(bias.shape).astype(bias.dtype)
+
+
+_bias_add.defvjp(_bias_add_forward, _bias_add_backward)
+
+
+class TokenDense(nn.Module):
+    """A projection of tokens: flax's ``DenseGeneral`` over ``axis`` (its parameters, names and initialisation)
+    through ``token_dot_general``, with its bias added by ``bias_add``."""
+
+    features: int
+    axis: int | tuple[int, ...] = -1
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Any = dense_kernel_init
+    bias_init: Any = dense_bias_init
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # The kernel is DenseGeneral's own, in this module's scope: 'kernel' and 'bias' side by side as before.
+        general = nn.DenseGeneral(self.features, axis=self.axis, use_bias=False, dtype=self.dtype,
+                                  param_dtype=self.param_dtype, kernel_init=self.kernel_init,
+                                  dot_general=token_dot_general)
+        nn.share_scope(self, general)
+        y = general(x)
+        if not self.use_bias:
+            return y
+        return bias_add(y, self.param('bias', self.bias_init, (self.features,), self.param_dtype))
+
+
 def partitioned(init, names: tuple[str | None, ...]):
     """Attaches logical axis names to an initialiser, so the train step can shard the parameter by rules."""
     return nn.with_logical_partitioning(init, names)
@@ -105,12 +160,12 @@ class MlpBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
         d = x.shape[-1]
-        dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
-                                  dot_general=token_dot_general)
+        dense = functools.partial(TokenDense, dtype=self.dtype, param_dtype=self.param_dtype)
         x = dense(self.mlp_dim, name='fc1',
                   kernel_init=partitioned(dense_kernel_init, ('embed', 'mlp')),
                   bias_init=partitioned(dense_bias_init, ('mlp',)))(x)
-        x = nn.gelu(x, approximate=self.gelu_approximate)
+        # In fp32 whatever the dtype: XLA:CPU ran a bf16 GELU's fwd + bwd ~4x slower than the same in fp32 and rounded.
+        x = nn.gelu(x.astype(jnp.float32), approximate=self.gelu_approximate).astype(self.dtype)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
         x = dense(d, name='fc2',
                   kernel_init=partitioned(dense_kernel_init, ('mlp', 'embed')),
@@ -215,7 +270,7 @@ class QKVProjection(nn.Module):
         if self.use_bias:
             bias = self.param('bias', partitioned(dense_bias_init, (None, 'heads', 'kv')), shape[1:],
                               self.param_dtype)
-            qkv = qkv + bias.astype(self.dtype).reshape(bias_shape)
+            qkv = bias_add(qkv, bias.reshape(bias_shape))
         return (qkv[0], qkv[1], qkv[2]) if self.head_major else qkv
 
 
@@ -269,10 +324,10 @@ class MultiHeadSelfAttention(nn.Module):
         # The output projection contracts heads and head dims in whichever layout attention gave: a head-major
         # output written token-major first would cost a transpose of every activation (on CPU ~40% of the attention
         # block's fwd + bwd time at ViT-Ti shapes, through XLA's ops).
-        return nn.DenseGeneral(d, axis=(1, 3) if head_major else (2, 3), name='out', dtype=self.dtype,
-                               param_dtype=self.param_dtype, dot_general=token_dot_general,
-                               kernel_init=partitioned(dense_kernel_init, ('heads', 'kv', 'embed')),
-                               bias_init=partitioned(dense_bias_init, ('embed',)))(y)
+        return TokenDense(d, axis=(1, 3) if head_major else (2, 3), name='out', dtype=self.dtype,
+                          param_dtype=self.param_dtype,
+                          kernel_init=partitioned(dense_kernel_init, ('heads', 'kv', 'embed')),
+                          bias_init=partitioned(dense_bias_init, ('embed',)))(y)
 
 
 class EncoderBlock(nn.Module):

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax.models.encoder import MlpBlock, dense_bias_init, dense_kernel_init, token_dot_general
+from vit_jax.models.encoder import MlpBlock, TokenDense, dense_bias_init, dense_kernel_init, token_dot_general
 
 Dtype = Any
 
@@ -50,9 +50,9 @@ def soft_split(x: jax.Array, kernel: int, stride: int, padding: int) -> jax.Arra
         dimension_numbers=('NHWC', 'OIHW', 'NHWC'), precision=jax.lax.Precision.HIGHEST)
 
 
-def _dense(features: int, name: str, dtype: Dtype, param_dtype: Dtype, use_bias: bool = True) -> nn.Dense:
-    return nn.Dense(features, use_bias=use_bias, name=name, dtype=dtype, param_dtype=param_dtype,
-                    kernel_init=dense_kernel_init, bias_init=dense_bias_init, dot_general=token_dot_general)
+def _dense(features: int, name: str, dtype: Dtype, param_dtype: Dtype, use_bias: bool = True) -> TokenDense:
+    return TokenDense(features, use_bias=use_bias, name=name, dtype=dtype, param_dtype=param_dtype,
+                      kernel_init=dense_kernel_init, bias_init=dense_bias_init)
 
 
 class TokenTransformer(nn.Module):
@@ -153,10 +153,9 @@ class TokensToToken(nn.Module):
             x = einops.rearrange(x, 'b (h w) c -> b h w c', h=h, w=w)  # re-structurization
             x = soft_split(x, kernel=3, stride=2, padding=1)
         x = einops.rearrange(x, 'b h w c -> b (h w) c')
-        return nn.Dense(self.hidden_size, name='project', dtype=self.dtype, param_dtype=self.param_dtype,
-                        dot_general=token_dot_general,
-                        kernel_init=nn.with_logical_partitioning(dense_kernel_init, (None, 'embed')),
-                        bias_init=nn.with_logical_partitioning(dense_bias_init, ('embed',)))(x)
+        return TokenDense(self.hidden_size, name='project', dtype=self.dtype, param_dtype=self.param_dtype,
+                          kernel_init=nn.with_logical_partitioning(dense_kernel_init, (None, 'embed')),
+                          bias_init=nn.with_logical_partitioning(dense_bias_init, ('embed',)))(x)
 
 
 def sinusoid_table(num_positions: int, dim: int) -> jax.Array:
