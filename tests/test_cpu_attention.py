@@ -95,12 +95,14 @@ def test_auto_takes_the_kernel_only_where_it_beat_xla_here(monkeypatch, tmp_path
     assert encoder.resolve_attention('auto', jnp.float32, 64, (32, 197, 3)) == expected
     assert encoder.resolve_attention('auto', jnp.float32, 64, (2, 17, 2)) == 'cpu_kernel'
     assert encoder.resolve_attention('cpu_kernel', jnp.float32, 64, (32, 197, 3)) == 'cpu_kernel'  # asked for
-    assert timed == [(32, 197, 3, 64)]
+    assert encoder.resolve_attention('auto', jnp.bfloat16, 64, (32, 197, 3)) == expected
+    assert timed == [(32, 197, 3, 64, 'float32'), (32, 197, 3, 64, 'bfloat16')]  # each dtype measured on its own
     choices.forget()
 
 
-def test_measures_the_kernel_against_xla_for_real():
-    seconds = cpu_attention._time_against_xla(2, 40, 2, 32, rounds=1)
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_measures_the_kernel_against_xla_for_real(dtype):
+    seconds = cpu_attention._time_against_xla(2, 40, 2, 32, dtype, rounds=1)
     assert set(seconds) == {'kernel', 'xla'} and all(0 < s < 10 for s in seconds.values())
 
 

@@ -177,34 +177,42 @@ def _variant(direction: str, shape: tuple[int, ...]) -> str:
     return '_mkl' if choice == 'mkl' else ''
 
 
-def _time_against_xla(batch: int, tokens: int, heads: int, head_dim: int, rounds: int = 5) -> dict[str, float]:
+def _time_against_xla(batch: int, tokens: int, heads: int, head_dim: int, dtype: str = 'float32',
+                      rounds: int = 5) -> dict[str, float]:
     """Best seconds of attention's forward and backward through the kernel (its faster build) and through XLA's
-    batched matmuls (head-major, as the model runs them without the kernel), in turns."""
+    batched matmuls (head-major, as the model runs them without the kernel), in turns, in the model's dtype: for bf16
+    the kernel's call widens q, k, v to fp32 and rounds its output back (``encoder.kernel_dtype``), XLA's runs in
+    bf16."""
     from vit_jax.models.encoder import softmax_attention
     rng = np.random.default_rng(0)
-    qkv = jnp.asarray(rng.standard_normal((batch, tokens, 3, heads, head_dim)), jnp.float32)
-    heads_first = jnp.asarray(rng.standard_normal((3, batch, heads, tokens, head_dim)), jnp.float32)
+    qkv = jnp.asarray(rng.standard_normal((batch, tokens, 3, heads, head_dim)), dtype)
+    heads_first = jnp.asarray(rng.standard_normal((3, batch, heads, tokens, head_dim)), dtype)
     scale = head_dim ** -0.5
 
     def train(fn, x):
         out, vjp = jax.vjp(fn, x)
         return vjp(out)[0]
 
-    calls = {'kernel': (jax.jit(functools.partial(train, lambda x: attention(x, scale))), qkv),
+    def kernel(x):
+        return attention(x.astype(jnp.float32), scale).astype(x.dtype)
+
+    calls = {'kernel': (jax.jit(functools.partial(train, kernel)), qkv),
              'xla': (jax.jit(functools.partial(train, lambda x: softmax_attention(*x, scale))), heads_first)}
     times = timing.round_robin_seconds({name: lambda fn=fn, x=x: jax.block_until_ready(fn(x))
                                         for name, (fn, x) in calls.items()}, warmup=1, rounds=rounds)
     return {name: min(t) for name, t in times.items()}
 
 
-def faster_than_xla(batch: int, tokens: int, heads: int, head_dim: int) -> bool:
-    """Whether the kernel (forward and backward) ran faster here than XLA's attention at this shape: measured once
-    per machine and cached (kernels/choices.py); calls too small to measure keep the kernel."""
+def faster_than_xla(batch: int, tokens: int, heads: int, head_dim: int, dtype='float32') -> bool:
+    """Whether the kernel (forward and backward) ran faster here than XLA's attention at this shape and model dtype
+    (float32 or bfloat16): measured once per machine and cached (kernels/choices.py); calls too small to measure
+    keep the kernel."""
     from vit_jax.kernels import choices, cpu_gemm
     if 4 * batch * heads * tokens * tokens * head_dim < MIN_FLOPS:
         return True
-    timer = functools.partial(_time_against_xla, batch, tokens, heads, head_dim)
-    key = f'{batch}x{tokens}x{heads}x{head_dim} {cpu_gemm.mode()}'
+    dtype = jnp.dtype(dtype).name
+    timer = functools.partial(_time_against_xla, batch, tokens, heads, head_dim, dtype)
+    key = f'{dtype} {batch}x{tokens}x{heads}x{head_dim} {cpu_gemm.mode()}'
     return choices.choose('cpu_attention_vs_xla', key, timer, default='kernel',
                           parts=(*cpu_gemm.mkl_key(), SOURCE.read_text())) == 'kernel'
 
