@@ -2,7 +2,11 @@
 matmul, and the per-shape choice is measured once, cached on disk and overridable."""
 
 import json
+import os
 import platform
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +44,7 @@ def assert_close(got, expected, tol):
 @pytest.mark.skipif(platform.machine() != 'x86_64', reason='MKL is installed (pyproject) on x86_64 only')
 def test_builds_against_mkl_here():
     # CI installs MKL with the package: a failure here would silently cost Intel users the products' speed.
-    assert cpu_gemm.mkl_library() is not None
+    assert cpu_gemm.mkl_libraries() is not None
     path = cpu_gemm.build()
     assert path.exists() and path.stat().st_size > 0
     assert cpu_gemm.available()
@@ -204,9 +208,29 @@ def test_off_and_bad_settings(monkeypatch):
 
 def test_missing_mkl_names_the_fix(monkeypatch, tmp_path):
     monkeypatch.setenv('VIT_JAX_MKL_LIB', str(tmp_path / 'libmkl_rt.so.2'))
-    assert cpu_gemm.mkl_library() is None
+    assert cpu_gemm.mkl_libraries() is None
     with pytest.raises(RuntimeError, match='pip install mkl'):
         cpu_gemm.build()
+
+
+@pytest.mark.skipif(platform.machine() != 'x86_64', reason='MKL is installed (pyproject) on x86_64 only')
+def test_pytorch_imported_after_an_mkl_product_keeps_its_own_mkl():
+    """Our MKL stays out of the process's global symbols: a PyTorch imported after one of our MKL products keeps its
+    own MKL and threads (through libmkl_rt, its calls had bound to our sequential layer: one thread)."""
+    pytest.importorskip('torch')
+    script = textwrap.dedent("""
+        import jax.numpy as jnp
+        from vit_jax.kernels import cpu_gemm
+        x = jnp.ones((64, 64), jnp.float32)
+        assert float(cpu_gemm.mkl_product(x, x)[0, 0]) == 64.0
+        import torch
+        torch.set_num_threads(2)
+        print([line.strip() for line in torch.__config__.parallel_info().splitlines() if 'mkl_get_max_threads' in line])
+    """)
+    out = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, VIT_JAX_CPU_GEMM='mkl'))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "['mkl_get_max_threads() : 2']" in out.stdout, out.stdout
 
 
 def test_auto_measures_while_a_step_is_traced(monkeypatch, tmp_path):

@@ -128,8 +128,6 @@ void matmul(int M, int nv, const float* a, int64_t ars, int64_t aks, const float
 // through MKL's cblas_sgemm, sequential inside each (batch, head), as the register-blocked kernels below are.
 extern "C" void cblas_sgemm(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha, const float* a,
                             int lda, const float* b, int ldb, float beta, float* c, int ldc);
-extern "C" int MKL_Set_Threading_Layer(int code);
-extern "C" int VitAttentionInit() { return MKL_Set_Threading_Layer(1); }  // MKL_THREADING_SEQUENTIAL
 
 // out (N x 16 nv) = A (N x K) B (K x 16 nv), A row-major (aks = 1) or transposed (ars = 1).
 void matmul_dh(int N, int nv, const float* a, int64_t ars, int64_t aks, const float* b, int64_t ldb, int K, float* c,

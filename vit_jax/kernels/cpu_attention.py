@@ -129,13 +129,12 @@ def _partitioned(fn, args: tuple[str, ...], results: tuple[str, ...]):
 def _blas_registered() -> bool:
     """The kernel's MKL variant (its matmuls through cblas_sgemm), where MKL is installed."""
     from vit_jax.kernels import cpu_gemm
-    mkl = cpu_gemm.mkl_library()
+    mkl = cpu_gemm.mkl_libraries()
     if mkl is None:
         return False  # cpu_gemm says so, once
     try:
         library = ctypes.cdll.LoadLibrary(str(compile_library(SOURCE, link=cpu_gemm.mkl_link(mkl),
                                                               defines=('VIT_ATTENTION_BLAS',), variant='mkl')))
-        library.VitAttentionInit()
     except (RuntimeError, OSError) as e:
         logging.warning('The CPU attention kernel\'s MKL variant is not available, so its own matmuls run: %s', e)
         return False

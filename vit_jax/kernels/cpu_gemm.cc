@@ -6,8 +6,9 @@
 // ran at ~40% of the fp32 matmul peak, and it never uses AMX for bf16), while MKL's kernels are tuned per CPU, AMX
 // included (cblas_gemm_bf16bf16f32). Which of the two a shape takes is measured on the machine (cpu_gemm.py).
 //
-// Threads: MKL runs sequentially in each call and the product is split into one tile per thread of XLA's intra-op
-// pool (rows of C, or columns where C has more of them), so MKL's OpenMP threads never compete with XLA's.
+// Threads: MKL runs sequentially in each call (linked to its sequential layer) and the product is split into one
+// tile per thread of XLA's intra-op pool (rows of C, or columns where C has more of them), so no MKL threads compete
+// with XLA's.
 // The bf16 handler accumulates in fp32 and writes fp32: XLA rounds to bf16 where the model asks, fused with the
 // bias add that follows.
 
@@ -27,7 +28,6 @@ void cblas_sgemm(int layout, int trans_a, int trans_b, int m, int n, int k, floa
                  const float* b, int ldb, float beta, float* c, int ldc);
 void cblas_gemm_bf16bf16f32(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha,
                             const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta, float* c, int ldc);
-int MKL_Set_Threading_Layer(int code);  // MKL_THREADING_SEQUENTIAL = 1
 }
 
 namespace {
@@ -82,9 +82,6 @@ ffi::Error GemmBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a, ffi::Buffer<
 }
 
 }  // namespace
-
-// Called once when the library is loaded, before any product: MKL inside a call runs on the calling thread only.
-extern "C" int VitGemmInit() { return MKL_Set_Threading_Layer(1); }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VitGemmF32, GemmF32,
                               ffi::Ffi::Bind()

@@ -11,7 +11,7 @@ overhead decides, and tiny test models keep XLA's exact numbers.
 
 ``VIT_JAX_CPU_GEMM`` sets the choice for the process: ``auto`` (the default, measured), ``xla`` (never MKL) or
 ``mkl`` (MKL for every product it can take: for parity tests). Without MKL (``pip install mkl``; found in the
-environment's ``lib``, or by ``VIT_JAX_MKL_LIB``) or without a C++ compiler, every product takes XLA's dot, with
+environment's ``lib``, or beside ``VIT_JAX_MKL_LIB``) or without a C++ compiler, every product takes XLA's dot, with
 the reason logged once; the numbers are the same to fp32 rounding either way. ``xla_gemm()`` turns it off for the
 traces made within it (for XLA's FLOP count, which cannot see into a custom call).
 
@@ -70,43 +70,54 @@ def mode() -> str:
     return value
 
 
-def mkl_library() -> pathlib.Path | None:
-    """MKL's single dynamic library (libmkl_rt), as ``pip install mkl`` puts it in the environment's ``lib``."""
+# MKL's LP64 interface, sequential threading layer and core, linked directly. Not through libmkl_rt, its single
+# dynamic library: that loads its layers into the process's global symbol scope, where a PyTorch imported afterwards
+# bound its own MKL calls to them, and so to our sequential layer: its ViT-S then ran at ~0.55x its speed.
+MKL_LIBRARIES = ('mkl_intel_lp64', 'mkl_sequential', 'mkl_core')
+
+
+def mkl_libraries() -> tuple[pathlib.Path, ...] | None:
+    """MKL's libraries (``MKL_LIBRARIES``) as ``pip install mkl`` puts them in the environment's ``lib``, or in the
+    folder of the file ``VIT_JAX_MKL_LIB`` names; None where they are not all there."""
     if os.environ.get('VIT_JAX_MKL_LIB'):
         path = pathlib.Path(os.environ['VIT_JAX_MKL_LIB'])
-        return path if path.exists() else None
-    for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
-        found = sorted(pathlib.Path(prefix, 'lib').glob('libmkl_rt.so*'))
-        if found:
-            return found[-1]
+        folders = [path.parent] if path.exists() else []
+    else:
+        folders = [pathlib.Path(prefix, 'lib') for prefix in dict.fromkeys((sys.prefix, sys.base_prefix))]
+    for folder in folders:
+        found = [sorted(folder.glob(f'lib{name}.so*')) for name in MKL_LIBRARIES]
+        if all(found):
+            return tuple(paths[-1] for paths in found)
     return None
 
 
 def build() -> pathlib.Path:
     """Compiles the library against MKL (or finds it compiled) and returns its path; RuntimeError if it can't."""
-    library = mkl_library()
-    if library is None:
+    libraries = mkl_libraries()
+    if libraries is None:
         raise RuntimeError('Intel MKL was not found in the environment (pip install mkl; or set VIT_JAX_MKL_LIB to '
-                           'its libmkl_rt.so)')
-    return compile_library(SOURCE, link=mkl_link(library))
+                           'its libmkl_core.so, beside libmkl_intel_lp64.so and libmkl_sequential.so)')
+    return compile_library(SOURCE, link=mkl_link(libraries))
 
 
-def mkl_link(library: pathlib.Path) -> tuple[str, ...]:
-    """The linker arguments for MKL's libmkl_rt at this path (found again at load time through its rpath)."""
-    return f'-L{library.parent}', f'-l:{library.name}', f'-Wl,-rpath,{library.parent}'
+def mkl_link(libraries: tuple[pathlib.Path, ...]) -> tuple[str, ...]:
+    """The linker arguments for MKL's libraries at these paths (found again at load time through their rpath).
+    Calls into the sequential layer run on the calling thread only: XLA's threads, never MKL's own."""
+    folder = libraries[0].parent
+    return (f'-L{folder}', '-Wl,--no-as-needed', *(f'-l:{path.name}' for path in libraries),
+            f'-Wl,-rpath,{folder}')
 
 
 def mkl_key() -> tuple[str, ...]:
     """What a measured choice between MKL and another implementation depends on, besides the CPU: MKL's build."""
-    library = mkl_library()
-    return (str(library), str(library.stat().st_size)) if library else ('no mkl',)
+    libraries = mkl_libraries()
+    return (str(libraries[-1]), str(libraries[-1].stat().st_size)) if libraries else ('no mkl',)
 
 
 @functools.cache
 def _registered() -> bool:
     try:
         library = ctypes.cdll.LoadLibrary(str(build()))
-        library.VitGemmInit()
     except (RuntimeError, OSError) as e:
         logging.warning('MKL products are not available, so projections run through XLA\'s dot (the same numbers; '
                         'slower on some CPUs): %s', e)
