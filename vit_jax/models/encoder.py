@@ -84,7 +84,7 @@ def bias_add(y: jax.Array, bias: jax.Array) -> jax.Array:
     Where y is of a lower precision than the bias (bf16 activations, fp32 parameters) the bias's gradient, the sum of
     the output gradient over every token, is accumulated in fp32 and kept so (``_bias_add``). Autodiff of
     ``y + bias.astype(y.dtype)`` sums in bf16 instead, and XLA:CPU ran that sum as a tree of windowed reductions
-    over an fp32 copy of the gradient: a bf16 ViT-S train step took 4.05 s so and 3.66 s with this (medians of six
+    over an fp32 copy of the gradient: a bf16 ViT-S train step took 4.05 s that way and 3.66 s with this (medians of six
     alternating runs, benchmarks/README.md).
     """
     if y.dtype == bias.dtype or y.shape[y.ndim - bias.ndim:] != bias.shape:
