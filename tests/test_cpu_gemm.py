@@ -207,7 +207,7 @@ def test_off_and_bad_settings(monkeypatch):
 
 
 def test_missing_mkl_names_the_fix(monkeypatch, tmp_path):
-    monkeypatch.setenv('VIT_JAX_MKL_LIB', str(tmp_path / 'libmkl_rt.so.2'))
+    monkeypatch.setenv('VIT_JAX_MKL_LIB', str(tmp_path / 'libmkl_core.so.3'))
     assert cpu_gemm.mkl_libraries() is None
     with pytest.raises(RuntimeError, match='pip install mkl'):
         cpu_gemm.build()
