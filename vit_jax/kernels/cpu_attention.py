@@ -192,10 +192,7 @@ def _time_against_xla(batch: int, tokens: int, heads: int, head_dim: int, dtype:
         out, vjp = jax.vjp(fn, x)
         return vjp(out)[0]
 
-    def kernel(x):
-        return attention(x.astype(jnp.float32), scale).astype(x.dtype)
-
-    calls = {'kernel': (jax.jit(functools.partial(train, kernel)), qkv),
+    calls = {'kernel': (jax.jit(functools.partial(train, lambda x: attention_in_fp32(x, scale))), qkv),
              'xla': (jax.jit(functools.partial(train, lambda x: softmax_attention(*x, scale))), heads_first)}
     times = timing.round_robin_seconds({name: lambda fn=fn, x=x: jax.block_until_ready(fn(x))
                                         for name, (fn, x) in calls.items()}, warmup=1, rounds=rounds)
@@ -268,3 +265,9 @@ def _attention_backward(scale, residuals, do):
 
 
 attention.defvjp(_attention_forward, _attention_backward)
+
+
+def attention_in_fp32(qkv: jax.Array, scale: float) -> jax.Array:
+    """``attention`` for a float32 or bfloat16 qkv, as a model of that dtype runs it: computed in fp32 (bf16 q, k, v
+    widened; ``encoder.kernel_dtype``) and returned in qkv's dtype."""
+    return attention(qkv.astype(jnp.float32), scale).astype(qkv.dtype)

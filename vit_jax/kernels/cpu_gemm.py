@@ -127,9 +127,14 @@ def _registered() -> bool:
     return True
 
 
+def _on_cpu_here() -> bool:
+    """JAX on CPU, and not within ``xla_gemm()``: where projections may leave XLA's plain dot at all."""
+    return not _disabled_here and jax.default_backend() == 'cpu'
+
+
 def available() -> bool:
     """Whether projections may take MKL here: JAX on CPU, the mode not ``xla``, and the library built."""
-    return (not _disabled_here and mode() != 'xla' and jax.default_backend() == 'cpu' and _registered())
+    return _on_cpu_here() and mode() != 'xla' and _registered()
 
 
 # The FFI call, partitioned like a matmul. Factors: r (rows of the result), c (its columns), k (contracted).
@@ -265,7 +270,7 @@ def _time_candidates(dtype, rows, depth, cols, trans_a, trans_b, rounds: int = 7
 def applies(dtype) -> bool:
     """Whether projections of this dtype may leave XLA's plain dot here: a dtype in ``DTYPES``, JAX on CPU, and not
     within ``xla_gemm()``."""
-    return jnp.dtype(dtype).name in DTYPES and not _disabled_here and jax.default_backend() == 'cpu'
+    return jnp.dtype(dtype).name in DTYPES and _on_cpu_here()
 
 
 def implementation(dtype, rows: int, depth: int, cols: int, trans_a: bool = False, trans_b: bool = False) -> str:

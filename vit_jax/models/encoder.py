@@ -318,7 +318,7 @@ class MultiHeadSelfAttention(nn.Module):
         elif head_major:
             y = softmax_attention(*qkv, scale)  # (B, H, N, dh)
         elif impl == 'cpu_kernel':
-            y = cpu_attention.attention(qkv.astype(jnp.float32), scale).astype(qkv.dtype)  # (B, N, H, dh)
+            y = cpu_attention.attention_in_fp32(qkv, scale)  # (B, N, H, dh)
         else:
             y = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], scale=scale,
                                              implementation=impl)
