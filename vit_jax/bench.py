@@ -47,7 +47,6 @@ import numpy as np  # noqa: E402
 from vit_jax import host_memory, models, sharding, timing  # noqa: E402
 from vit_jax.kernels import cpu_attention, cpu_gemm  # noqa: E402
 from vit_jax.kernels.build import cpu_flags, cpu_model  # noqa: E402
-from vit_jax.models import encoder  # noqa: E402
 from vit_jax.objectives import Supervised  # noqa: E402
 from vit_jax.train.config import base_config, load_config  # noqa: E402
 from vit_jax.train.optim import create_optimizer  # noqa: E402
@@ -150,7 +149,7 @@ def prepare_matmuls(model, args) -> tuple[dict[str, tuple[float, int]], dict[str
     """
     slice_batch = args.batch // jax.device_count() // args.microbatches
     heads = model.hidden_size // model.num_heads
-    kernel = cpu_attention.supports(encoder.kernel_dtype(args.dtype), heads)  # bf16 runs it in fp32
+    kernel = cpu_attention.supports(args.dtype, heads)
     rng = np.random.default_rng(0)
     flops, runners, attention = {}, {}, []
     for name, equation, lhs_shape, rhs_shape, count in vit_matmuls(model, slice_batch, args.num_classes):
@@ -176,7 +175,7 @@ def prepare_matmuls(model, args) -> tuple[dict[str, tuple[float, int]], dict[str
     if kernel:
         flops[ATTENTION_KERNEL] = (sum(f for f, _ in attention), attention[0][1])
         tokens = model.grid_size ** 2 + model.num_prefix_tokens
-        qkv = jnp.asarray(rng.normal(size=(slice_batch, tokens, 3, model.num_heads, heads)), jnp.float32)
+        qkv = jnp.asarray(rng.normal(size=(slice_batch, tokens, 3, model.num_heads, heads)), args.dtype)
         dout = qkv[:, :, 0]
 
         @jax.jit

@@ -14,6 +14,9 @@
 // kernel. The backward pass recomputes the probabilities from the saved log-sum-exp (as flash attention does)
 // rather than storing them: one extra N x N x dh matmul against two (N, N) arrays written and read per head.
 //
+// float32 or bfloat16 (a handler of each): in bf16 the matmuls take pairs of bf16 (AVX512-BF16's vdpbf16ps where
+// the CPU has it) and accumulate in fp32, and the softmax is fp32.
+//
 // Vectors are GCC vector extensions, so the same source compiles to AVX-512, AVX2 or NEON with -march=native.
 
 #include <algorithm>
@@ -25,6 +28,10 @@
 #include <thread>
 #include <type_traits>
 #include <vector>
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 #include "parallel.h"
@@ -51,8 +58,15 @@ constexpr int kNarrowV = 16 / kW;  // vectors per 16 floats: the width of the na
 
 typedef float vf __attribute__((vector_size(kW * sizeof(float)), aligned(4)));
 typedef int32_t vi __attribute__((vector_size(kW * sizeof(int32_t)), aligned(4)));
+typedef uint32_t vu __attribute__((vector_size(kW * sizeof(uint32_t)), aligned(4)));
+
+typedef uint16_t vh __attribute__((vector_size(kW * sizeof(uint16_t)), aligned(2)));  // bf16s, as their bits
 
 inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof(v)); return v; }
+inline vf load(const uint16_t* p) {  // bf16 -> fp32: the bits shifted to the top half
+  vh h; std::memcpy(&h, p, sizeof(h));
+  return (vf)(__builtin_convertvector(h, vu) << 16);
+}
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
 inline vf splat(float x) { return vf{} + x; }
 
@@ -70,28 +84,72 @@ inline vf exp_nonpositive(vf x) {
   return p * scale;
 }
 
-// C[R rows, 16*V columns] = A B, with A[r][k] = a[r * ars + k * aks] and B[k][:] = b + k * ldb. The
-// accumulators stay in registers for the whole k loop; A's entries are broadcast, B's rows loaded.
-template <int R, int V>
-inline void block(const float* a, int64_t ars, int64_t aks, const float* b, int64_t ldb, int K, float* c,
-                  int64_t ldc) {
-  vf acc[R][V] = {};
+// The multiply-add of the matmuls below, for two element types. float: acc += a * b, a broadcast. uint32_t: a pair
+// of bf16 along the contracted dimension in each 32-bit word (the lower half the even index), acc += a0 b0 + a1 b1
+// in fp32: AVX512-BF16's vdpbf16ps where the CPU has it (twice the FLOPs of an fp32 FMA per instruction), elsewhere
+// the same sum with the halves widened to fp32 (exact: a bf16 is the top half of a float). Acc is the accumulator's
+// type: the intrinsic's own for vdpbf16ps, which GCC otherwise spilled to the stack at every step.
+template <typename T> struct Madd;
+template <> struct Madd<float> {
+  typedef vf B;
+  typedef vf Acc;
+  static Acc zero() { return vf{}; }
+  static B load_b(const float* p) { return load(p); }
+  static Acc step(Acc acc, float a, B b) { return acc + splat(a) * b; }
+  static void store_c(float* p, Acc acc) { store(p, acc); }
+};
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+template <> struct Madd<uint32_t> {
+  typedef __m512i B;
+  typedef __m512 Acc;
+  static Acc zero() { return _mm512_setzero_ps(); }
+  static B load_b(const uint32_t* p) { return _mm512_loadu_si512(p); }
+  static Acc step(Acc acc, uint32_t a, B b) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32(int(a)), (__m512bh)b);
+  }
+  static void store_c(float* p, Acc acc) { _mm512_storeu_ps(p, acc); }
+};
+#else
+template <> struct Madd<uint32_t> {
+  typedef vu B;
+  typedef vf Acc;
+  static Acc zero() { return vf{}; }
+  static B load_b(const uint32_t* p) { B v; std::memcpy(&v, p, sizeof(v)); return v; }
+  static Acc step(Acc acc, uint32_t a, B b) {
+    const vf b0 = (vf)(b << 16), b1 = (vf)(b & 0xffff0000u);
+    float a0, a1;
+    const uint32_t w0 = a << 16, w1 = a & 0xffff0000u;
+    std::memcpy(&a0, &w0, 4); std::memcpy(&a1, &w1, 4);
+    return acc + splat(a0) * b0 + splat(a1) * b1;
+  }
+  static void store_c(float* p, Acc acc) { store(p, acc); }
+};
+#endif
+
+// C[R rows, 16*V columns] = A B, with A[r][k] = a[r * ars + k * aks] and B[k][:] = b + k * ldb (in elements of T:
+// floats, or words of two bf16, for which k counts pairs). The accumulators stay in registers for the whole k loop;
+// A's entries are broadcast, B's rows loaded.
+template <int R, int V, typename T>
+inline void block(const T* a, int64_t ars, int64_t aks, const T* b, int64_t ldb, int K, float* c, int64_t ldc) {
+  typename Madd<T>::Acc acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = Madd<T>::zero();
   for (int k = 0; k < K; ++k) {
-    vf bk[V];
-    for (int v = 0; v < V; ++v) bk[v] = load(b + k * ldb + v * kW);
+    typename Madd<T>::B bk[V];
+    for (int v = 0; v < V; ++v) bk[v] = Madd<T>::load_b(b + k * ldb + v * kW);
     for (int r = 0; r < R; ++r) {
-      const vf ar = splat(a[r * ars + k * aks]);
-      for (int v = 0; v < V; ++v) acc[r][v] += ar * bk[v];
+      const T ar = a[r * ars + k * aks];
+      for (int v = 0; v < V; ++v) acc[r][v] = Madd<T>::step(acc[r][v], ar, bk[v]);
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) store(c + r * ldc + v * kW, acc[r][v]);
+    for (int v = 0; v < V; ++v) Madd<T>::store_c(c + r * ldc + v * kW, acc[r][v]);
 }
 
 // The same for the last, shorter, block of rows: a kernel per row count, as the loop bounds must be constants.
-template <int R, int V>
-inline void tail_block(int rows, const float* a, int64_t ars, int64_t aks, const float* b, int64_t ldb, int K,
-                       float* c, int64_t ldc) {
+template <int R, int V, typename T>
+inline void tail_block(int rows, const T* a, int64_t ars, int64_t aks, const T* b, int64_t ldb, int K, float* c,
+                       int64_t ldc) {
   if constexpr (R > 1) {
     if (rows == R - 1) return block<R - 1, V>(a, ars, aks, b, ldb, K, c, ldc);
     return tail_block<R - 1, V>(rows, a, ars, aks, b, ldb, K, c, ldc);
@@ -100,17 +158,17 @@ inline void tail_block(int rows, const float* a, int64_t ars, int64_t aks, const
   }
 }
 
-template <int R, int V>
-inline void rows_block(int rows, const float* a, int64_t ars, int64_t aks, const float* b, int64_t ldb, int K,
-                       float* c, int64_t ldc) {
+template <int R, int V, typename T>
+inline void rows_block(int rows, const T* a, int64_t ars, int64_t aks, const T* b, int64_t ldb, int K, float* c,
+                       int64_t ldc) {
   if (rows == R) block<R, V>(a, ars, aks, b, ldb, K, c, ldc);
   else tail_block<R, V>(rows, a, ars, aks, b, ldb, K, c, ldc);
 }
 
 // C (M x 16*nv) = A (M x K) B (K x 16*nv), in blocks of R rows and V vectors (and narrower last blocks). Column
 // panels outermost: a panel of B (K x 16*V) stays in L1 while the row blocks pass over it.
-template <int R, int V>
-void matmul(int M, int nv, const float* a, int64_t ars, int64_t aks, const float* b, int64_t ldb, int K, float* c,
+template <int R, int V, typename T>
+void matmul(int M, int nv, const T* a, int64_t ars, int64_t aks, const T* b, int64_t ldb, int K, float* c,
             int64_t ldc) {
   auto panel = [&](auto width, int v) {
     constexpr int W = decltype(width)::value;
@@ -121,6 +179,22 @@ void matmul(int M, int nv, const float* a, int64_t ars, int64_t aks, const float
   for (; v + V <= nv; v += V) panel(std::integral_constant<int, V>{}, v);
   for (; v + 2 <= nv; v += 2) panel(std::integral_constant<int, 2>{}, v);
   for (; v < nv; ++v) panel(std::integral_constant<int, 1>{}, v);
+}
+
+// C (M x 16 nv) = A B with the register blocks sized for the head dimension's nv vectors (see kW above).
+template <typename T>
+void matmul_blocked(int M, int nv, const T* a, int64_t ars, int64_t aks, const T* b, int64_t ldb, int K, float* c,
+                    int64_t ldc) {
+  if (!kWideRegisters) return matmul<6, kNarrowV>(M, nv, a, ars, aks, b, ldb, K, c, ldc);
+  switch (nv) {
+    case 1: matmul<12, 1>(M, 1, a, ars, aks, b, ldb, K, c, ldc); break;
+    case 2: matmul<12, 2>(M, 2, a, ars, aks, b, ldb, K, c, ldc); break;
+    case 3: matmul<8, 3>(M, 3, a, ars, aks, b, ldb, K, c, ldc); break;
+    case 4: matmul<6, 4>(M, 4, a, ars, aks, b, ldb, K, c, ldc); break;
+    case 5: matmul<4, 5>(M, 5, a, ars, aks, b, ldb, K, c, ldc); break;
+    case 6: matmul<4, 6>(M, 6, a, ars, aks, b, ldb, K, c, ldc); break;
+    default: matmul<6, 4>(M, nv, a, ars, aks, b, ldb, K, c, ldc); break;
+  }
 }
 
 #ifdef VIT_ATTENTION_BLAS
@@ -148,16 +222,7 @@ void scores(int N, int Np, int dh, const float* x, int64_t ldx, const float* y, 
 // ldb and ldc floats apart.
 void matmul_dh(int N, int nv, const float* a, int64_t ars, int64_t aks, const float* b, int64_t ldb, int K, float* c,
                int64_t ldc) {
-  if (!kWideRegisters) return matmul<6, kNarrowV>(N, nv, a, ars, aks, b, ldb, K, c, ldc);
-  switch (nv) {
-    case 1: matmul<12, 1>(N, 1, a, ars, aks, b, ldb, K, c, ldc); break;
-    case 2: matmul<12, 2>(N, 2, a, ars, aks, b, ldb, K, c, ldc); break;
-    case 3: matmul<8, 3>(N, 3, a, ars, aks, b, ldb, K, c, ldc); break;
-    case 4: matmul<6, 4>(N, 4, a, ars, aks, b, ldb, K, c, ldc); break;
-    case 5: matmul<4, 5>(N, 5, a, ars, aks, b, ldb, K, c, ldc); break;
-    case 6: matmul<4, 6>(N, 6, a, ars, aks, b, ldb, K, c, ldc); break;
-    default: matmul<6, 4>(N, nv, a, ars, aks, b, ldb, K, c, ldc); break;
-  }
+  matmul_blocked(N, nv, a, ars, aks, b, ldb, K, c, ldc);
 }
 
 // S (N x Np) = X Y^T for X, Y of N rows of dh (ldx, ldy floats apart): Y is first written transposed and
@@ -194,13 +259,9 @@ inline void probabilities(float* row, int N, int Np, float scale, float shift) {
   }
 }
 
-// One (batch, head). Its rows of q, k, v (and of dq, dk, dv) are ld floats apart, those of o and dout ldo apart.
-void forward_head(int N, int dh, float scale, const float* q, const float* k, const float* v, int64_t ld, float* o,
-                  int64_t ldo, float* lse, Scratch& w) {
-  const int Np = w.reserve(N, dh);
-  float* s = w.s.data();
-  scores(N, Np, dh, q, ld, k, ld, w.t.data(), s);
-  float inv[N];
+// Each row of the scores s (N x Np) -> its unnormalised probabilities exp(scale * s - max), in place, with the
+// log-sum-exp of the row (lse) and 1 / its sum (inv).
+void softmax_rows(float* s, int N, int Np, float scale, float* lse, float* inv) {
   for (int i = 0; i < N; ++i) {
     float* row = s + int64_t(i) * Np;
     vf mv = load(row);  // N >= 1; where N < 16 this reads padding, and only the first N lanes count below
@@ -218,9 +279,35 @@ void forward_head(int N, int dh, float scale, const float* q, const float* k, co
     inv[i] = 1.0f / l;
     lse[i] = m + std::log(l);
   }
+}
+
+// One (batch, head). Its rows of q, k, v (and of dq, dk, dv) are ld floats apart, those of o and dout ldo apart.
+void forward_head(int N, int dh, float scale, const float* q, const float* k, const float* v, int64_t ld, float* o,
+                  int64_t ldo, float* lse, Scratch& w) {
+  const int Np = w.reserve(N, dh);
+  float* s = w.s.data();
+  scores(N, Np, dh, q, ld, k, ld, w.t.data(), s);
+  float inv[N];
+  softmax_rows(s, N, Np, scale, lse, inv);
   matmul_dh(N, dh / kW, s, Np, 1, v, ld, N, o, ldo);  // unnormalised probabilities times V, then each row / its sum
   for (int i = 0; i < N; ++i)
     for (int d = 0; d < dh; d += kW) store(o + i * ldo + d, load(o + i * ldo + d) * inv[i]);
+}
+
+// dS = P * (dP - rowsum(dO * O)), times the logits' scale, in place of dP (ds); the rows of dO and O (float or bf16)
+// are ldo apart.
+template <typename E>
+void score_gradient(int N, int Np, int dh, float scale, const float* p, const E* dout, const E* o, int64_t ldo,
+                    float* ds) {
+  for (int i = 0; i < N; ++i) {
+    vf acc{};
+    for (int d = 0; d < dh; d += kW) acc += load(dout + i * ldo + d) * load(o + i * ldo + d);
+    float delta = 0.0f;
+    for (int t = 0; t < kW; ++t) delta += acc[t];
+    const float* prow = p + int64_t(i) * Np;
+    float* drow = ds + int64_t(i) * Np;
+    for (int j = 0; j < Np; j += kW) store(drow + j, load(prow + j) * (load(drow + j) - delta) * scale);
+  }
 }
 
 void backward_head(int N, int dh, float scale, const float* q, const float* k, const float* v, int64_t ld,
@@ -233,17 +320,140 @@ void backward_head(int N, int dh, float scale, const float* q, const float* k, c
   for (int i = 0; i < N; ++i) probabilities(p + int64_t(i) * Np, N, Np, scale, lse[i]);
   matmul_dh(N, dh / kW, p, 1, Np, dout, ldo, N, dv, ld);  // dV = P^T dO
   scores(N, Np, dh, dout, ldo, v, ld, w.t.data(), ds);    // dP = dO V^T
-  for (int i = 0; i < N; ++i) {                            // dS = P * (dP - rowsum(dO * O)), times the logits' scale
-    vf acc{};
-    for (int d = 0; d < dh; d += kW) acc += load(dout + i * ldo + d) * load(o + i * ldo + d);
-    float delta = 0.0f;
-    for (int t = 0; t < kW; ++t) delta += acc[t];
-    float* prow = p + int64_t(i) * Np;
-    float* drow = ds + int64_t(i) * Np;
-    for (int j = 0; j < Np; j += kW) store(drow + j, load(prow + j) * (load(drow + j) - delta) * scale);
-  }
+  score_gradient(N, Np, dh, scale, p, dout, o, ldo, ds);  // dS
   matmul_dh(N, dh / kW, ds, Np, 1, k, ld, N, dq, ld);  // dQ = dS K
   matmul_dh(N, dh / kW, ds, 1, Np, q, ld, N, dk, ld);  // dK = dS^T Q
+}
+
+// ---- bfloat16: q, k, v, o and their gradients in bf16; the scores, softmax and every accumulation in fp32. ----
+// As XLA computes a bf16 model's attention (encoder.softmax_attention), the probabilities and their gradient are
+// rounded to bf16 for the matmuls that take them. A matmul's bf16 operands go in as words of two bf16 along the
+// contracted dimension (Madd<uint32_t>), packed per head into scratch as each product needs them.
+
+// fp32 -> bf16, rounded to nearest even (as XLA's convert); a NaN stays a NaN.
+inline vh to_bf16(vf x) {
+  const vu u = (vu)x;
+  const vu rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return __builtin_convertvector((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : rounded, vh);
+}
+
+inline void store_bf16(uint16_t* p, vf x) { const vh h = to_bf16(x); std::memcpy(p, &h, sizeof(h)); }
+
+struct ScratchBF16 {
+  std::vector<float> s, ds, c;  // (N, Np) scores / probabilities, (N, Np) their gradient, (N, dh) a product
+  std::vector<uint16_t> a, b;   // a product's operands in bf16: (N, Np) and (Np, dh)
+  int reserve(int N, int dh) {
+    const int Np = (N + kW - 1) / kW * kW;
+    s.resize(int64_t(N) * Np); ds.resize(int64_t(N) * Np); c.resize(int64_t(N) * dh);
+    a.resize(int64_t(N) * Np); b.resize(int64_t(Np) * dh);
+    return Np;
+  }
+};
+
+// A (N x Np fp32, its padding columns zero) in bf16, row-major (N x Np), or transposed (row j < N: column j of A;
+// columns N..Np zero).
+void a_operand(const float* a, int N, int Np, bool transposed, uint16_t* out) {
+  if (!transposed) {
+    for (int64_t i = 0; i < N; ++i)
+      for (int j = 0; j < Np; j += kW) store_bf16(out + i * Np + j, load(a + i * Np + j));
+    return;
+  }
+  uint16_t row[Np];
+  for (int64_t i = 0; i < Np; ++i) {
+    if (i < N) for (int j = 0; j < Np; j += kW) store_bf16(row + j, load(a + i * Np + j));
+    else std::fill(row, row + Np, 0);
+    for (int j = 0; j < N; ++j) out[j * int64_t(Np) + i] = row[j];
+  }
+}
+
+#ifdef VIT_ATTENTION_BLAS
+extern "C" void cblas_gemm_bf16bf16f32(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha,
+                                       const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta, float* c,
+                                       int ldc);
+
+// S (N x Np) = X Y^T for X, Y of N rows of dh bf16 (ldx, ldy apart), its padding columns zero.
+void scores(int N, int Np, int dh, const uint16_t* x, int64_t ldx, const uint16_t* y, int64_t ldy, ScratchBF16&,
+            float* s) {
+  cblas_gemm_bf16bf16f32(101, 111, 112, N, N, dh, 1.0f, x, int(ldx), y, int(ldy), 0.0f, s, Np);
+  for (int i = 0; i < N; ++i)
+    for (int j = N; j < Np; ++j) s[int64_t(i) * Np + j] = 0.0f;
+}
+
+// C (N x dh) = op(A) B: A (N x Np fp32, rounded to bf16 here), op(A) = A or A^T; B (N x dh bf16, rows ldb apart).
+void matmul_dh(int N, int Np, int dh, const float* a, bool transposed, const uint16_t* b, int64_t ldb,
+               ScratchBF16& w, float* c) {
+  a_operand(a, N, Np, false, w.a.data());
+  cblas_gemm_bf16bf16f32(101, transposed ? 112 : 111, 111, N, dh, N, 1.0f, w.a.data(), Np, b, int(ldb), 0.0f, c, dh);
+}
+#else
+// S (N x Np) = X Y^T: Y^T written as words of pairs along dh, (dh / 2) x Np, zero past column N.
+void scores(int N, int Np, int dh, const uint16_t* x, int64_t ldx, const uint16_t* y, int64_t ldy, ScratchBF16& w,
+            float* s) {
+  uint32_t* yt = reinterpret_cast<uint32_t*>(w.b.data());
+  const int pairs = dh / 2;
+  for (int j = 0; j < Np; ++j)
+    for (int d = 0; d < pairs; ++d) {
+      uint32_t word = 0;
+      if (j < N) std::memcpy(&word, y + j * ldy + 2 * d, 4);
+      yt[int64_t(d) * Np + j] = word;
+    }
+  const uint32_t* xw = reinterpret_cast<const uint32_t*>(x);  // a row's dh values are dh / 2 pairs as they lie
+  if (kWideRegisters) matmul<6, 4>(N, Np / kW, xw, ldx / 2, 1, yt, Np, pairs, s, Np);
+  else matmul<6, kNarrowV>(N, Np / kW, xw, ldx / 2, 1, yt, Np, pairs, s, Np);
+}
+
+// C (N x dh) = op(A) B as above: op(A) in bf16 is read as words of pairs along its rows, B is written as words of
+// pairs of rows ((Np / 2) x dh, zero past row N).
+void matmul_dh(int N, int Np, int dh, const float* a, bool transposed, const uint16_t* b, int64_t ldb,
+               ScratchBF16& w, float* c) {
+  a_operand(a, N, Np, transposed, w.a.data());
+  uint32_t* bp = reinterpret_cast<uint32_t*>(w.b.data());
+  for (int64_t r = 0; r < Np; r += 2)
+    for (int d = 0; d < dh; d += kW) {
+      vh lo{}, hi{};
+      if (r < N) std::memcpy(&lo, b + r * ldb + d, sizeof(lo));
+      if (r + 1 < N) std::memcpy(&hi, b + (r + 1) * ldb + d, sizeof(hi));
+      const vu word = __builtin_convertvector(lo, vu) | (__builtin_convertvector(hi, vu) << 16);
+      std::memcpy(bp + r / 2 * dh + d, &word, sizeof(word));
+    }
+  matmul_blocked(N, dh / kW, reinterpret_cast<const uint32_t*>(w.a.data()), Np / 2, 1, bp, dh, Np / 2, c, dh);
+}
+#endif  // VIT_ATTENTION_BLAS
+
+void forward_head(int N, int dh, float scale, const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t ld,
+                  uint16_t* o, int64_t ldo, float* lse, ScratchBF16& w) {
+  const int Np = w.reserve(N, dh);
+  float* s = w.s.data();
+  float* c = w.c.data();
+  scores(N, Np, dh, q, ld, k, ld, w, s);
+  float inv[N];
+  softmax_rows(s, N, Np, scale, lse, inv);
+  matmul_dh(N, Np, dh, s, false, v, ld, w, c);
+  for (int i = 0; i < N; ++i)
+    for (int d = 0; d < dh; d += kW) store_bf16(o + i * ldo + d, load(c + i * dh + d) * inv[i]);
+}
+
+void backward_head(int N, int dh, float scale, const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t ld,
+                   const uint16_t* o, const uint16_t* dout, int64_t ldo, const float* lse, uint16_t* dq,
+                   uint16_t* dk, uint16_t* dv, ScratchBF16& w) {
+  const int Np = w.reserve(N, dh);
+  float* p = w.s.data();
+  float* ds = w.ds.data();
+  float* c = w.c.data();
+  auto write = [&](uint16_t* out) {
+    for (int i = 0; i < N; ++i)
+      for (int d = 0; d < dh; d += kW) store_bf16(out + i * ld + d, load(c + i * dh + d));
+  };
+  scores(N, Np, dh, q, ld, k, ld, w, p);
+  for (int i = 0; i < N; ++i) probabilities(p + int64_t(i) * Np, N, Np, scale, lse[i]);
+  matmul_dh(N, Np, dh, p, true, dout, ldo, w, c);  // dV = P^T dO
+  write(dv);
+  scores(N, Np, dh, dout, ldo, v, ld, w, ds);      // dP = dO V^T
+  score_gradient(N, Np, dh, scale, p, dout, o, ldo, ds);  // dS
+  matmul_dh(N, Np, dh, ds, false, k, ld, w, c);  // dQ = dS K
+  write(dq);
+  matmul_dh(N, Np, dh, ds, true, q, ld, w, c);   // dK = dS^T Q
+  write(dk);
 }
 
 // The shape of an attention call, from qkv's dimensions (B, N, 3, H, dh).
@@ -266,52 +476,69 @@ ffi::Error check(ffi::Span<const int64_t> dims, Shape& shape) {
   return ffi::Error::Success();
 }
 
-// qkv (B, N, 3, H, dh) -> o (B, N, H, dh) and the log-sum-exp of each row of scores, lse (B, H, N).
-ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, float scale, ffi::ResultBuffer<ffi::F32> o,
+// The element type of each FFI dtype, and the scratch its heads take.
+template <ffi::DataType T> struct Element;
+template <> struct Element<ffi::F32> { typedef float type; typedef Scratch scratch; };
+template <> struct Element<ffi::BF16> { typedef uint16_t type; typedef ScratchBF16 scratch; };
+
+// qkv (B, N, 3, H, dh) -> o (B, N, H, dh) and the log-sum-exp of each row of scores, lse (B, H, N), in fp32.
+template <ffi::DataType T>
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<T> qkv, float scale, ffi::ResultBuffer<T> o,
                    ffi::ResultBuffer<ffi::F32> lse) {
+  typedef typename Element<T>::type E;
   Shape x;
   if (auto e = check(qkv.dimensions(), x); e.failure()) return e;
-  vit_jax::parallel_for<Scratch>(pool, x.batch * x.heads, [&](int64_t i, Scratch& w) {
-    const float* q = qkv.typed_data() + x.q_offset(i);
+  const E* qkv_data = reinterpret_cast<const E*>(qkv.typed_data());
+  E* o_data = reinterpret_cast<E*>(o->typed_data());
+  vit_jax::parallel_for<typename Element<T>::scratch>(pool, x.batch * x.heads, [&](int64_t i, auto& w) {
+    const E* q = qkv_data + x.q_offset(i);
     const int64_t k = x.ldo(), v = 2 * x.ldo();
-    forward_head(x.N, x.dh, scale, q, q + k, q + v, x.ld(), o->typed_data() + x.o_offset(i), x.ldo(),
+    forward_head(x.N, x.dh, scale, q, q + k, q + v, x.ld(), o_data + x.o_offset(i), x.ldo(),
                  lse->typed_data() + i * x.N, w);
   });
   return ffi::Error::Success();
 }
 
 // qkv, o, lse and dout (the gradient of o) -> dqkv (B, N, 3, H, dh).
-ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> o,
-                    ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, float scale,
-                    ffi::ResultBuffer<ffi::F32> dqkv) {
+template <ffi::DataType T>
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<T> qkv, ffi::Buffer<T> o, ffi::Buffer<ffi::F32> lse,
+                    ffi::Buffer<T> dout, float scale, ffi::ResultBuffer<T> dqkv) {
+  typedef typename Element<T>::type E;
   Shape x;
   if (auto e = check(qkv.dimensions(), x); e.failure()) return e;
-  vit_jax::parallel_for<Scratch>(pool, x.batch * x.heads, [&](int64_t i, Scratch& w) {
-    const float* q = qkv.typed_data() + x.q_offset(i);
-    float* dq = dqkv->typed_data() + x.q_offset(i);
+  const E* qkv_data = reinterpret_cast<const E*>(qkv.typed_data());
+  const E* o_data = reinterpret_cast<const E*>(o.typed_data());
+  const E* dout_data = reinterpret_cast<const E*>(dout.typed_data());
+  E* dqkv_data = reinterpret_cast<E*>(dqkv->typed_data());
+  vit_jax::parallel_for<typename Element<T>::scratch>(pool, x.batch * x.heads, [&](int64_t i, auto& w) {
+    const E* q = qkv_data + x.q_offset(i);
+    E* dq = dqkv_data + x.q_offset(i);
     const int64_t k = x.ldo(), v = 2 * x.ldo();
-    backward_head(x.N, x.dh, scale, q, q + k, q + v, x.ld(), o.typed_data() + x.o_offset(i),
-                  dout.typed_data() + x.o_offset(i), x.ldo(), lse.typed_data() + i * x.N, dq, dq + k, dq + v, w);
+    backward_head(x.N, x.dh, scale, q, q + k, q + v, x.ld(), o_data + x.o_offset(i), dout_data + x.o_offset(i),
+                  x.ldo(), lse.typed_data() + i * x.N, dq, dq + k, dq + v, w);
   });
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(VitAttentionForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("scale")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+#define VIT_ATTENTION_HANDLERS(SUFFIX, T)                                                                     \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(VitAttentionForward##SUFFIX, Forward<T>,                                              \
+                                ffi::Ffi::Bind()                                                                      \
+                                    .Ctx<ffi::ThreadPool>()                                                           \
+                                    .Arg<ffi::Buffer<T>>()                                                            \
+                                    .Attr<float>("scale")                                                             \
+                                    .Ret<ffi::Buffer<T>>()                                                            \
+                                    .Ret<ffi::Buffer<ffi::F32>>());                                                   \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(VitAttentionBackward##SUFFIX, Backward<T>,                                            \
+                                ffi::Ffi::Bind()                                                                      \
+                                    .Ctx<ffi::ThreadPool>()                                                           \
+                                    .Arg<ffi::Buffer<T>>()                                                            \
+                                    .Arg<ffi::Buffer<T>>()                                                            \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                                                     \
+                                    .Arg<ffi::Buffer<T>>()                                                            \
+                                    .Attr<float>("scale")                                                             \
+                                    .Ret<ffi::Buffer<T>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(VitAttentionBackward, Backward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("scale")
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+VIT_ATTENTION_HANDLERS(, ffi::F32)
+VIT_ATTENTION_HANDLERS(BF16, ffi::BF16)

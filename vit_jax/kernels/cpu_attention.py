@@ -10,7 +10,8 @@ either side are then plain (B N, D) matmuls, and no activation is transposed or 
 
 The library is compiled on first use with the machine's C++ compiler (``g++ -O3 -march=native``, ~5 s) into
 ``$VIT_JAX_CACHE`` (default ``~/.cache/vit_jax``) and loaded from there afterwards (``kernels/build.py``). Where it
-cannot be built (no compiler, say), ``available()`` is False with the reason logged once, and attention takes XLA's path: the kernel is a speed-up, never a requirement.
+cannot be built (no compiler, say), ``available()`` is False with the reason logged once, and attention takes XLA's
+path: the kernel is a speed-up, never a requirement.
 ``VIT_JAX_CPU_ATTENTION=0`` turns it off for the process. Which attention a model runs is its field
 ``attention_impl`` (``models/encoder.resolve_attention``: 'auto' takes the kernel where ``supports`` says it can
 and, at shapes large enough to measure, where it ran faster than XLA's attention here (``faster_than_xla``),
@@ -18,10 +19,16 @@ and, at shapes large enough to measure, where it ran faster than XLA's attention
 within it only (a global, so a function jitted before keeps its trace: the benchmark jits a new one inside it to
 count model FLOPs on XLA's path, since XLA's cost analysis cannot see into a custom call); prefer the field.
 
+It runs in float32 or bfloat16, a model's dtype. In bf16, q, k, v, the output and the gradients are bf16 and the
+scores, softmax and matmul accumulations fp32: the matmuls take pairs of bf16 per fp32 multiply-add (AVX512-BF16's
+vdpbf16ps where the CPU has it, else the same sum widened to fp32), twice the FLOPs per instruction and half the
+bytes of fp32.
+
 Its matmuls (q k^T, p v and the backward's) are register-blocked kernels of its own; where MKL is installed a second
-build runs them through ``cblas_sgemm`` instead, and each call takes whichever ran faster here at its shape
-(measured at first use and cached, as ``kernels/cpu_gemm`` does for the projections; ``VIT_JAX_CPU_GEMM=xla`` keeps
-the kernel's own, ``=mkl`` the MKL build).
+build runs them through ``cblas_sgemm`` (bf16: ``cblas_gemm_bf16bf16f32``, AMX where the CPU has it) instead, and
+each call takes whichever ran faster here at its shape and dtype (measured at first use and cached, as
+``kernels/cpu_gemm`` does for the projections; ``VIT_JAX_CPU_GEMM=xla`` keeps the kernel's own, ``=mkl`` the MKL
+build).
 
 Sharding: the call is partitioned over its batch and head dimensions (each device runs its own heads) and needs
 the tokens and the head dimension whole.
@@ -78,11 +85,22 @@ def _registered() -> bool:
         logging.warning('The fused CPU attention kernel is not available, so attention runs through XLA\'s ops '
                         '(slower on CPU, same results): %s', e)
         return False
-    jax.ffi.register_ffi_target('vit_attention_forward', jax.ffi.pycapsule(library.VitAttentionForward),
-                                platform='cpu')
-    jax.ffi.register_ffi_target('vit_attention_backward', jax.ffi.pycapsule(library.VitAttentionBackward),
-                                platform='cpu')
+    _register(library, '')
     return True
+
+
+def _register(library, variant: str):
+    # Each direction and dtype: VitAttentionForward (fp32), VitAttentionForwardBF16, ... as vit_attention_forward,
+    # vit_attention_forward_bf16, ..., with the variant's suffix.
+    for direction in ('forward', 'backward'):
+        for suffix in ('', 'BF16'):
+            symbol = getattr(library, f'VitAttention{direction.capitalize()}{suffix}')
+            jax.ffi.register_ffi_target(f'vit_attention_{direction}{_dtype_suffix(suffix)}{variant}',
+                                        jax.ffi.pycapsule(symbol), platform='cpu')
+
+
+def _dtype_suffix(dtype) -> str:
+    return '_bf16' if dtype == 'BF16' or (dtype != '' and jnp.dtype(dtype) == jnp.bfloat16) else ''
 
 
 def available() -> bool:
@@ -90,9 +108,13 @@ def available() -> bool:
     return _enabled and jax.default_backend() == 'cpu' and _registered()
 
 
+DTYPES = ('float32', 'bfloat16')
+
+
 def supports(dtype, head_dim: int) -> bool:
-    """Whether ``attention`` can take qkv of this dtype and head dimension: float32, a multiple of 16, on CPU."""
-    return available() and jnp.dtype(dtype) == jnp.float32 and head_dim % VECTOR == 0
+    """Whether ``attention`` can take qkv of this dtype and head dimension: float32 or bfloat16, a multiple of 16, on
+    CPU."""
+    return available() and jnp.dtype(dtype).name in DTYPES and head_dim % VECTOR == 0
 
 
 # The FFI calls, each partitioned over batch and heads: whatever the partitioner gives those two dimensions, the
@@ -138,16 +160,14 @@ def _blas_registered() -> bool:
     except (RuntimeError, OSError) as e:
         logging.warning('The CPU attention kernel\'s MKL variant is not available, so its own matmuls run: %s', e)
         return False
-    for direction in ('forward', 'backward'):
-        name = f'VitAttention{direction.capitalize()}'
-        jax.ffi.register_ffi_target(f'vit_attention_{direction}_mkl', jax.ffi.pycapsule(getattr(library, name)),
-                                    platform='cpu')
+    _register(library, '_mkl')
     return True
 
 
-def _time_variants(direction: str, shape: tuple[int, ...], rounds: int = 5) -> dict[str, float]:
-    """Best seconds of the kernel's own matmuls and of its MKL variant, one direction at one qkv shape, in turns."""
-    qkv = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
+def _time_variants(direction: str, shape: tuple[int, ...], dtype: str, rounds: int = 5) -> dict[str, float]:
+    """Best seconds of the kernel's own matmuls and of its MKL variant, one direction at one qkv shape and dtype,
+    in turns."""
+    qkv = jnp.asarray(np.random.default_rng(0).standard_normal(shape), dtype)
     o, lse = jax.jit(functools.partial(_forward_ffi, '', 0.125))(qkv)
     call = _forward_ffi if direction == 'forward' else _backward_ffi
     calls = {name: jax.jit(functools.partial(call, variant, 0.125)) for name, variant in (('kernel', ''), ('mkl', '_mkl'))}
@@ -157,7 +177,7 @@ def _time_variants(direction: str, shape: tuple[int, ...], rounds: int = 5) -> d
     return {name: min(t) for name, t in times.items()}
 
 
-def _variant(direction: str, shape: tuple[int, ...]) -> str:
+def _variant(direction: str, shape: tuple[int, ...], dtype) -> str:
     """'_mkl' where the MKL variant ran this call faster here (measured once, cached: kernels/choices.py), else ''.
     ``VIT_JAX_CPU_GEMM`` rules it as it does the projections: xla never takes MKL, mkl always."""
     from vit_jax.kernels import choices, cpu_gemm
@@ -169,8 +189,9 @@ def _variant(direction: str, shape: tuple[int, ...]) -> str:
     b, n, _, h, dh = shape
     if 4 * b * h * n * n * dh < MIN_FLOPS:
         return ''
-    key = f'{direction} {b}x{n}x3x{h}x{dh}'
-    timer = functools.partial(_time_variants, direction, tuple(shape))
+    dtype = jnp.dtype(dtype).name
+    key = f'{direction} {b}x{n}x3x{h}x{dh}' + ('' if dtype == 'float32' else f' {dtype}')
+    timer = functools.partial(_time_variants, direction, tuple(shape), dtype)
     choice = choices.choose('cpu_attention', key, timer, default='kernel',
                             parts=(*cpu_gemm.mkl_key(), SOURCE.read_text()))
     return '_mkl' if choice == 'mkl' else ''
@@ -179,9 +200,7 @@ def _variant(direction: str, shape: tuple[int, ...]) -> str:
 def _time_against_xla(batch: int, tokens: int, heads: int, head_dim: int, dtype: str = 'float32',
                       rounds: int = 5) -> dict[str, float]:
     """Best seconds of attention's forward and backward through the kernel (its faster build) and through XLA's
-    batched matmuls (head-major, as the model runs them without the kernel), in turns, in the model's dtype: for bf16
-    the kernel's call widens q, k, v to fp32 and rounds its output back (``encoder.kernel_dtype``), XLA's runs in
-    bf16."""
+    batched matmuls (head-major, as the model runs them without the kernel), in turns, in the model's dtype."""
     from vit_jax.models.encoder import softmax_attention
     rng = np.random.default_rng(0)
     qkv = jnp.asarray(rng.standard_normal((batch, tokens, 3, heads, head_dim)), dtype)
@@ -192,7 +211,7 @@ def _time_against_xla(batch: int, tokens: int, heads: int, head_dim: int, dtype:
         out, vjp = jax.vjp(fn, x)
         return vjp(out)[0]
 
-    calls = {'kernel': (jax.jit(functools.partial(train, lambda x: attention_in_fp32(x, scale))), qkv),
+    calls = {'kernel': (jax.jit(functools.partial(train, lambda x: attention(x, scale))), qkv),
              'xla': (jax.jit(functools.partial(train, lambda x: softmax_attention(*x, scale))), heads_first)}
     times = timing.round_robin_seconds({name: lambda fn=fn, x=x: jax.block_until_ready(fn(x))
                                         for name, (fn, x) in calls.items()}, warmup=1, rounds=rounds)
@@ -224,24 +243,25 @@ def _require_kernel():
 def _forward_ffi(variant: str, scale: float, qkv):
     _require_kernel()
     b, n, _, h, dh = qkv.shape
-    return jax.ffi.ffi_call(f'vit_attention_forward{variant}', (jax.ShapeDtypeStruct((b, n, h, dh), qkv.dtype),
-                                                                jax.ShapeDtypeStruct((b, h, n), qkv.dtype)))(
-        qkv, scale=np.float32(scale))
+    target = f'vit_attention_forward{_dtype_suffix(qkv.dtype)}{variant}'
+    return jax.ffi.ffi_call(target, (jax.ShapeDtypeStruct((b, n, h, dh), qkv.dtype),
+                                     jax.ShapeDtypeStruct((b, h, n), jnp.float32)))(qkv, scale=np.float32(scale))
 
 
 def _backward_ffi(variant: str, scale: float, qkv, o, lse, do):
     _require_kernel()
-    return jax.ffi.ffi_call(f'vit_attention_backward{variant}', jax.ShapeDtypeStruct(qkv.shape, qkv.dtype))(
-        qkv, o, lse, do, scale=np.float32(scale))
+    target = f'vit_attention_backward{_dtype_suffix(qkv.dtype)}{variant}'
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(qkv.shape, qkv.dtype))(qkv, o, lse, do,
+                                                                                 scale=np.float32(scale))
 
 
-# What the partitioner calls on each device's slices: the build measured faster at that (local) shape.
+# What the partitioner calls on each device's slices: the build measured faster at that (local) shape and dtype.
 def _forward_call(scale: float, qkv):
-    return _forward_ffi(_variant('forward', qkv.shape), scale, qkv)
+    return _forward_ffi(_variant('forward', qkv.shape, qkv.dtype), scale, qkv)
 
 
 def _backward_call(scale: float, qkv, o, lse, do):
-    return _backward_ffi(_variant('backward', qkv.shape), scale, qkv, o, lse, do)
+    return _backward_ffi(_variant('backward', qkv.shape, qkv.dtype), scale, qkv, o, lse, do)
 
 
 _forward = _partitioned(_forward_call, (QKV,), (OUT, LSE))
@@ -250,8 +270,10 @@ _backward = _partitioned(_backward_call, (QKV, OUT, LSE, OUT), (QKV,))
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def attention(qkv: jax.Array, scale: float) -> jax.Array:
-    """softmax(q k^T * scale) v for each head, token-major: float32 qkv (B, N, 3, H, dh) = [q | k | v] with dh a
-    multiple of 16 (see ``supports``) -> (B, N, H, dh)."""
+    """softmax(q k^T * scale) v for each head, token-major: qkv (B, N, 3, H, dh) = [q | k | v], float32 or
+    bfloat16, with dh a multiple of 16 (see ``supports``) -> (B, N, H, dh) in qkv's dtype. In bf16 the scores,
+    softmax and every matmul's accumulation are fp32; the probabilities and their gradient are rounded to bf16 for
+    the matmuls that take them, as XLA's bf16 attention (``encoder.softmax_attention``) does."""
     return _forward(scale, qkv)[0]
 
 
@@ -266,8 +288,3 @@ def _attention_backward(scale, residuals, do):
 
 attention.defvjp(_attention_forward, _attention_backward)
 
-
-def attention_in_fp32(qkv: jax.Array, scale: float) -> jax.Array:
-    """``attention`` for a float32 or bfloat16 qkv, as a model of that dtype runs it: computed in fp32 (bf16 q, k, v
-    widened; ``encoder.kernel_dtype``) and returned in qkv's dtype."""
-    return attention(qkv.astype(jnp.float32), scale).astype(qkv.dtype)

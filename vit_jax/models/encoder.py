@@ -190,7 +190,7 @@ def _cudnn_supports(dtype, head_dim: int) -> bool:
 
 def resolve_attention(impl: str, dtype, head_dim: int, shape: tuple[int, int, int] | None = None) -> str:
     """``attention_impl`` -> what runs: 'auto' is cuDNN's flash attention on a GPU where the dtype and head size
-    allow, the C++ kernel on CPU in float32 (given the (batch, tokens, heads) ``shape``, only where it ran faster than
+    allow, the C++ kernel on CPU in float32 or bfloat16 (given the (batch, tokens, heads) ``shape``, only where it ran faster than
     XLA's attention on this machine: ``cpu_attention.faster_than_xla``), XLA's attention otherwise; an explicit
     choice that cannot run here raises, naming why."""
     if impl not in ATTENTION_IMPLS:
@@ -198,8 +198,7 @@ def resolve_attention(impl: str, dtype, head_dim: int, shape: tuple[int, int, in
     if impl == 'auto':
         if _cudnn_supports(dtype, head_dim):
             return 'cudnn'
-        # bf16 on CPU too: the kernel computes it in fp32 (``kernel_dtype``).
-        kernel = cpu_attention.supports(kernel_dtype(dtype), head_dim) and (
+        kernel = cpu_attention.supports(dtype, head_dim) and (
             shape is None or cpu_attention.faster_than_xla(*shape, head_dim, dtype))
         return 'cpu_kernel' if kernel else 'xla'
     if impl == 'cudnn' and not _cudnn_supports(dtype, head_dim):
@@ -207,20 +206,12 @@ def resolve_attention(impl: str, dtype, head_dim: int, shape: tuple[int, int, in
                          f'{CUDNN_DTYPES} with a head dimension that is a multiple of 8 (<= 128, or 256 on Hopper); '
                          f'here: backend {jax.default_backend()}, dtype {jnp.dtype(dtype).name}, head dim {head_dim}. '
                          f'Use attention_impl=\'auto\' (it falls back to XLA\'s attention) or model.dtype=bfloat16.')
-    if impl == 'cpu_kernel' and not cpu_attention.supports(kernel_dtype(dtype), head_dim):
+    if impl == 'cpu_kernel' and not cpu_attention.supports(dtype, head_dim):
         raise ValueError(f'attention_impl=\'cpu_kernel\' needs the CPU backend, float32 or bfloat16 and a head '
                          f'dimension that is a multiple of {cpu_attention.VECTOR}, with the kernel built; here: '
                          f'backend {jax.default_backend()}, dtype {jnp.dtype(dtype).name}, head dim {head_dim}. Use '
                          f'attention_impl=\'auto\'.')
     return impl
-
-
-def kernel_dtype(dtype):
-    """The dtype the CPU attention kernel computes a model of this dtype in: fp32 for fp32 and bf16 (a bf16 model's
-    q, k, v are widened for it and its output rounded back; a bf16 ViT-S step on an AVX512-BF16 EPYC ran faster with
-    it and the weight gradients' transposed copies together, benchmarks/README.md), else the dtype itself (which it
-    does not take)."""
-    return jnp.float32 if jnp.dtype(dtype) in (jnp.float32, jnp.bfloat16) else dtype
 
 
 def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
@@ -281,7 +272,7 @@ class MultiHeadSelfAttention(nn.Module):
     The fused ``qkv`` kernel (D, 3, H, dh) makes one matmul instead of three. ``attention_impl`` picks the kernel
     (``resolve_attention``): 'cudnn' is ``jax.nn.dot_product_attention(implementation='cudnn')``, cuDNN's flash
     attention (``implementation=None`` would run XLA's in this jax); 'cpu_kernel' the fused C++ kernel of
-    ``vit_jax.kernels.cpu_attention`` (float32, head dimension a multiple of 16). Both take q, k, v token-major
+    ``vit_jax.kernels.cpu_attention`` (float32 or bfloat16, head dimension a multiple of 16). Both take q, k, v token-major
     (B, N, H, dh) and give the output so, and the projections on either side are plain matmuls. 'xla' is
     ``jax.nn.dot_product_attention(implementation='xla')`` on GPU / TPU, and on CPU XLA's own batched matmuls,
     head-major (``softmax_attention``). A field, not a global: jit caches on the module. The explicit-softmax path,
@@ -318,7 +309,7 @@ class MultiHeadSelfAttention(nn.Module):
         elif head_major:
             y = softmax_attention(*qkv, scale)  # (B, H, N, dh)
         elif impl == 'cpu_kernel':
-            y = cpu_attention.attention_in_fp32(qkv, scale)  # (B, N, H, dh)
+            y = cpu_attention.attention(qkv, scale)  # (B, N, H, dh)
         else:
             y = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], scale=scale,
                                              implementation=impl)
