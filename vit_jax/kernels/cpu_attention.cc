@@ -341,29 +341,33 @@ inline void store_bf16(uint16_t* p, vf x) { const vh h = to_bf16(x); std::memcpy
 
 struct ScratchBF16 {
   std::vector<float> s, ds, c;  // (N, Np) scores / probabilities, (N, Np) their gradient, (N, dh) a product
-  std::vector<uint16_t> a, b;   // a product's operands in bf16: (N, Np) and (Np, dh)
+  std::vector<uint16_t> a, b;   // a product's operands in bf16: (Np, Np) and (Np, dh)
   int reserve(int N, int dh) {
     const int Np = (N + kW - 1) / kW * kW;
     s.resize(int64_t(N) * Np); ds.resize(int64_t(N) * Np); c.resize(int64_t(N) * dh);
-    a.resize(int64_t(N) * Np); b.resize(int64_t(Np) * dh);
+    a.resize(int64_t(Np) * Np); b.resize(int64_t(Np) * dh);
     return Np;
   }
 };
 
-// A (N x Np fp32, its padding columns zero) in bf16, row-major (N x Np), or transposed (row j < N: column j of A;
-// columns N..Np zero).
-void a_operand(const float* a, int N, int Np, bool transposed, uint16_t* out) {
-  if (!transposed) {
-    for (int64_t i = 0; i < N; ++i)
-      for (int j = 0; j < Np; j += kW) store_bf16(out + i * Np + j, load(a + i * Np + j));
-    return;
-  }
-  uint16_t row[Np];
-  for (int64_t i = 0; i < Np; ++i) {
-    if (i < N) for (int j = 0; j < Np; j += kW) store_bf16(row + j, load(a + i * Np + j));
-    else std::fill(row, row + Np, 0);
-    for (int j = 0; j < N; ++j) out[j * int64_t(Np) + i] = row[j];
-  }
+// A (N x Np fp32, its padding columns zero) in bf16, row-major (N x Np).
+void to_bf16_rows(const float* a, int N, int Np, uint16_t* out) {
+  for (int64_t i = 0; i < N; ++i)
+    for (int j = 0; j < Np; j += kW) store_bf16(out + i * Np + j, load(a + i * Np + j));
+}
+
+// Rows of X (fp32 or bf16; `rows` of them, ld apart, each of `cols` values) interleaved in pairs as words of two
+// bf16: out[r / 2][c] = (X[r][c], X[r + 1][c]), (pairs x cols) words, zero past the last row. As a matmul's B, its
+// rows are the pairs of the contracted dimension; as its A (strided: ars = 1, aks = cols), X transposed.
+template <typename E>
+void pairs_of_rows(const E* x, int64_t ld, int rows, int pairs, int cols, uint32_t* out) {
+  for (int64_t r = 0; r < 2 * pairs; r += 2)
+    for (int c = 0; c < cols; c += kW) {
+      const vu lo = r < rows ? __builtin_convertvector(to_bf16(load(x + r * ld + c)), vu) : vu{};
+      const vu hi = r + 1 < rows ? __builtin_convertvector(to_bf16(load(x + (r + 1) * ld + c)), vu) : vu{};
+      const vu word = lo | (hi << 16);
+      std::memcpy(out + r / 2 * cols + c, &word, sizeof(word));
+    }
 }
 
 #ifdef VIT_ATTENTION_BLAS
@@ -382,7 +386,7 @@ void scores(int N, int Np, int dh, const uint16_t* x, int64_t ldx, const uint16_
 // C (N x dh) = op(A) B: A (N x Np fp32, rounded to bf16 here), op(A) = A or A^T; B (N x dh bf16, rows ldb apart).
 void matmul_dh(int N, int Np, int dh, const float* a, bool transposed, const uint16_t* b, int64_t ldb,
                ScratchBF16& w, float* c) {
-  a_operand(a, N, Np, false, w.a.data());
+  to_bf16_rows(a, N, Np, w.a.data());
   cblas_gemm_bf16bf16f32(101, transposed ? 112 : 111, 111, N, dh, N, 1.0f, w.a.data(), Np, b, int(ldb), 0.0f, c, dh);
 }
 #else
@@ -402,21 +406,21 @@ void scores(int N, int Np, int dh, const uint16_t* x, int64_t ldx, const uint16_
   else matmul<6, kNarrowV>(N, Np / kW, xw, ldx / 2, 1, yt, Np, pairs, s, Np);
 }
 
-// C (N x dh) = op(A) B as above: op(A) in bf16 is read as words of pairs along its rows, B is written as words of
-// pairs of rows ((Np / 2) x dh, zero past row N).
+// C (N x dh) = op(A) B as above. A in bf16 is read as words of pairs along its rows; A^T as A's pairs of rows
+// (strided); B is written as pairs of its rows ((Np / 2) x dh words, zero past row N).
 void matmul_dh(int N, int Np, int dh, const float* a, bool transposed, const uint16_t* b, int64_t ldb,
                ScratchBF16& w, float* c) {
-  a_operand(a, N, Np, transposed, w.a.data());
+  uint32_t* aw = reinterpret_cast<uint32_t*>(w.a.data());
   uint32_t* bp = reinterpret_cast<uint32_t*>(w.b.data());
-  for (int64_t r = 0; r < Np; r += 2)
-    for (int d = 0; d < dh; d += kW) {
-      vh lo{}, hi{};
-      if (r < N) std::memcpy(&lo, b + r * ldb + d, sizeof(lo));
-      if (r + 1 < N) std::memcpy(&hi, b + (r + 1) * ldb + d, sizeof(hi));
-      const vu word = __builtin_convertvector(lo, vu) | (__builtin_convertvector(hi, vu) << 16);
-      std::memcpy(bp + r / 2 * dh + d, &word, sizeof(word));
-    }
-  matmul_blocked(N, dh / kW, reinterpret_cast<const uint32_t*>(w.a.data()), Np / 2, 1, bp, dh, Np / 2, c, dh);
+  const int pairs = Np / 2;
+  pairs_of_rows(b, ldb, N, pairs, dh, bp);
+  if (transposed) {
+    pairs_of_rows(a, Np, N, pairs, Np, aw);
+    matmul_blocked(N, dh / kW, aw, 1, Np, bp, dh, pairs, c, dh);
+  } else {
+    to_bf16_rows(a, N, Np, w.a.data());
+    matmul_blocked(N, dh / kW, aw, pairs, 1, bp, dh, pairs, c, dh);
+  }
 }
 #endif  // VIT_ATTENTION_BLAS
 
