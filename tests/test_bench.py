@@ -3,6 +3,7 @@
 No test asserts a speed (speed targets live in the README's benchmark section)."""
 
 import json
+import statistics
 
 import numpy as np
 import pytest
@@ -31,6 +32,10 @@ def test_harness_reports_every_figure(tmp_path, capsys):
     # A train step costs about 3 forward passes (forward, and two matmuls per matmul in the backward pass).
     assert 2.5 < result['train_flops_per_image'] / result['infer_flops_per_image'] < 4.0
     assert result['ratio_train_images_per_s'] == result['train_images_per_s'] / result['torch_train_images_per_s']
+    rounds = result['seconds_per_round']
+    assert {'train', 'infer', 'infer_batch1', 'torch_train', 'torch_infer'} <= set(rounds)
+    assert all(len(t) == len(rounds['train']) > 0 for t in rounds.values())
+    assert abs(statistics.median(rounds['train']) - result['train_step_s']) < 1e-5
     assert result['data_dataset'] == 'sklearn_digits'
     assert result['torch_model'] == 'export'  # our own PyTorch mirror of the model, where vit_jax.export has one
 

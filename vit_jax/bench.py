@@ -473,6 +473,9 @@ def run(args) -> dict[str, Any]:
     # Ours, PyTorch's and the peak matmul take turns, so the machine's drift in speed hits them alike.
     times = timing.round_robin_seconds(runners, args.warmup, args.steps)
     seconds = {name: statistics.median(t) for name, t in times.items()}
+    # Each round's seconds beside the medians: the spread (on a shared machine a step can take twice the median).
+    result['seconds_per_round'] = {name: [round(x, 6) for x in t] for name, t in times.items()
+                                   if not name.startswith('matmul:')}
 
     # The peak is the best the matmul did (the median of everything else): utilisation errs on the low side.
     peak, result['matmul_peak_library'] = best_peak(peak_flops, times, args.dtype)
