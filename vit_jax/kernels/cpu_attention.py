@@ -90,17 +90,16 @@ def _registered() -> bool:
 
 
 def _register(library, variant: str):
-    # Each direction and dtype: VitAttentionForward (fp32), VitAttentionForwardBF16, ... as vit_attention_forward,
-    # vit_attention_forward_bf16, ..., with the variant's suffix.
+    # Each direction and dtype's handler (VitAttentionForward, VitAttentionForwardBF16, ...) under its target name.
     for direction in ('forward', 'backward'):
-        for suffix in ('', 'BF16'):
+        for dtype, suffix in (('float32', ''), ('bfloat16', 'BF16')):
             symbol = getattr(library, f'VitAttention{direction.capitalize()}{suffix}')
-            jax.ffi.register_ffi_target(f'vit_attention_{direction}{_dtype_suffix(suffix)}{variant}',
-                                        jax.ffi.pycapsule(symbol), platform='cpu')
+            jax.ffi.register_ffi_target(_target(direction, dtype, variant), jax.ffi.pycapsule(symbol), platform='cpu')
 
 
-def _dtype_suffix(dtype) -> str:
-    return '_bf16' if dtype == 'BF16' or (dtype != '' and jnp.dtype(dtype) == jnp.bfloat16) else ''
+def _target(direction: str, dtype, variant: str) -> str:
+    """The FFI target's name: vit_attention_forward, vit_attention_backward_bf16_mkl, ..."""
+    return f'vit_attention_{direction}{"_bf16" if jnp.dtype(dtype) == jnp.bfloat16 else ""}{variant}'
 
 
 def available() -> bool:
@@ -243,16 +242,14 @@ def _require_kernel():
 def _forward_ffi(variant: str, scale: float, qkv):
     _require_kernel()
     b, n, _, h, dh = qkv.shape
-    target = f'vit_attention_forward{_dtype_suffix(qkv.dtype)}{variant}'
-    return jax.ffi.ffi_call(target, (jax.ShapeDtypeStruct((b, n, h, dh), qkv.dtype),
+    return jax.ffi.ffi_call(_target('forward', qkv.dtype, variant), (jax.ShapeDtypeStruct((b, n, h, dh), qkv.dtype),
                                      jax.ShapeDtypeStruct((b, h, n), jnp.float32)))(qkv, scale=np.float32(scale))
 
 
 def _backward_ffi(variant: str, scale: float, qkv, o, lse, do):
     _require_kernel()
-    target = f'vit_attention_backward{_dtype_suffix(qkv.dtype)}{variant}'
-    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(qkv.shape, qkv.dtype))(qkv, o, lse, do,
-                                                                                 scale=np.float32(scale))
+    return jax.ffi.ffi_call(_target('backward', qkv.dtype, variant), jax.ShapeDtypeStruct(qkv.shape, qkv.dtype))(
+        qkv, o, lse, do, scale=np.float32(scale))
 
 
 # What the partitioner calls on each device's slices: the build measured faster at that (local) shape and dtype.

@@ -190,9 +190,9 @@ def _cudnn_supports(dtype, head_dim: int) -> bool:
 
 def resolve_attention(impl: str, dtype, head_dim: int, shape: tuple[int, int, int] | None = None) -> str:
     """``attention_impl`` -> what runs: 'auto' is cuDNN's flash attention on a GPU where the dtype and head size
-    allow, the C++ kernel on CPU in float32 or bfloat16 (given the (batch, tokens, heads) ``shape``, only where it ran faster than
-    XLA's attention on this machine: ``cpu_attention.faster_than_xla``), XLA's attention otherwise; an explicit
-    choice that cannot run here raises, naming why."""
+    allow, the C++ kernel on CPU in float32 or bfloat16 (given the (batch, tokens, heads) ``shape``, only where it ran
+    faster than XLA's attention on this machine: ``cpu_attention.faster_than_xla``), XLA's attention otherwise; an
+    explicit choice that cannot run here raises, naming why."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f'attention_impl={impl!r} is not one of {ATTENTION_IMPLS}.')
     if impl == 'auto':
@@ -272,8 +272,8 @@ class MultiHeadSelfAttention(nn.Module):
     The fused ``qkv`` kernel (D, 3, H, dh) makes one matmul instead of three. ``attention_impl`` picks the kernel
     (``resolve_attention``): 'cudnn' is ``jax.nn.dot_product_attention(implementation='cudnn')``, cuDNN's flash
     attention (``implementation=None`` would run XLA's in this jax); 'cpu_kernel' the fused C++ kernel of
-    ``vit_jax.kernels.cpu_attention`` (float32 or bfloat16, head dimension a multiple of 16). Both take q, k, v token-major
-    (B, N, H, dh) and give the output so, and the projections on either side are plain matmuls. 'xla' is
+    ``vit_jax.kernels.cpu_attention`` (float32 or bfloat16, head dimension a multiple of 16). Both take q, k, v
+    token-major (B, N, H, dh) and give the output so, and the projections on either side are plain matmuls. 'xla' is
     ``jax.nn.dot_product_attention(implementation='xla')`` on GPU / TPU, and on CPU XLA's own batched matmuls,
     head-major (``softmax_attention``). A field, not a global: jit caches on the module. The explicit-softmax path,
     head-major too, is taken when it is needed: attention dropout while training, or when the caller asks for the
