@@ -70,8 +70,8 @@ def bf16_reference(qkv, scale):
                                              ('mkl', 'vit_attention_forward_bf16_mkl(')])
 @pytest.mark.parametrize('shape', [(2, 197, 3, 64), (3, 5, 1, 16), (1, 50, 2, 80), (2, 33, 2, 128), (1, 17, 1, 48)])
 def test_bfloat16_matches_float32_attention_to_bf16_rounding(monkeypatch, shape, matmuls, target):
-    """bf16 in, bf16 out: within bf16 rounding (2^-8 relative) of fp32 attention on the same bf16 values, closer than
-    XLA's own bf16 attention gets (its scores and products are rounded to bf16 too)."""
+    """bf16 in, bf16 out: within bf16 rounding (2^-8 relative) of fp32 attention on the same bf16 values, and no
+    further off than XLA's own bf16 attention (its scores and products are rounded to bf16 too)."""
     monkeypatch.setenv('VIT_JAX_CPU_GEMM', matmuls)
     qkv, dout = (x.astype(jnp.bfloat16) for x in inputs(shape, seed=2))
     scale = shape[-1] ** -0.5
