@@ -5,11 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import flax.linen as nn
 from flax.core import meta
 
 from vit_jax import models
-import flax.linen as nn
-
 from vit_jax.models.encoder import MlpBlock, TokenDense, bias_add, token_dot_general
 
 SMALL = dict(hidden_size=48, num_layers=2, num_heads=3, mlp_dim=96)

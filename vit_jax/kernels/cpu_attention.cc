@@ -197,7 +197,16 @@ void matmul_blocked(int M, int nv, const T* a, int64_t ars, int64_t aks, const T
   }
 }
 
+// N tokens padded to whole vectors: the row length of a head's (N, Np) scores.
+inline int padded(int N) { return (N + kW - 1) / kW * kW; }
+
 #ifdef VIT_ATTENTION_BLAS
+// The scores' padding columns (N..Np) zeroed, where a BLAS wrote only the first N.
+void zero_padding(float* s, int N, int Np) {
+  for (int i = 0; i < N; ++i)
+    for (int j = N; j < Np; ++j) s[int64_t(i) * Np + j] = 0.0f;
+}
+
 // The BLAS variant (cpu_attention.py builds both and measures which is faster here): the same two matmul shapes
 // through MKL's cblas_sgemm, sequential inside each (batch, head), as the register-blocked kernels below are.
 extern "C" void cblas_sgemm(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha, const float* a,
@@ -214,8 +223,7 @@ void matmul_dh(int N, int nv, const float* a, int64_t ars, int64_t aks, const fl
 // S (N x Np) = X Y^T, its padding columns zero.
 void scores(int N, int Np, int dh, const float* x, int64_t ldx, const float* y, int64_t ldy, float*, float* s) {
   cblas_sgemm(101, 111, 112, N, N, dh, 1.0f, x, int(ldx), y, int(ldy), 0.0f, s, Np);
-  for (int i = 0; i < N; ++i)
-    for (int j = N; j < Np; ++j) s[int64_t(i) * Np + j] = 0.0f;
+  zero_padding(s, N, Np);
 }
 #else
 // out (N x dh) = A (N x K) B (K x dh) for dh = 16 * nv, the head dimension in registers; B's and out's rows are
@@ -242,7 +250,7 @@ struct Scratch {
   std::vector<float> s, ds, t;  // (N, Np) scores / probabilities, (N, Np) their gradient, (dh, Np) a transpose
   // Sizes the buffers for one head of N tokens and returns Np, N padded to whole vectors.
   int reserve(int N, int dh) {
-    const int Np = (N + kW - 1) / kW * kW;
+    const int Np = padded(N);
     s.resize(int64_t(N) * Np); ds.resize(int64_t(N) * Np); t.resize(int64_t(dh) * Np);
     return Np;
   }
@@ -343,7 +351,7 @@ struct ScratchBF16 {
   std::vector<float> s, ds, c;  // (N, Np) scores / probabilities, (N, Np) their gradient, (N, dh) a product
   std::vector<uint16_t> a, b;   // a product's operands in bf16: (Np, Np) and (Np, dh)
   int reserve(int N, int dh) {
-    const int Np = (N + kW - 1) / kW * kW;
+    const int Np = padded(N);
     s.resize(int64_t(N) * Np); ds.resize(int64_t(N) * Np); c.resize(int64_t(N) * dh);
     a.resize(int64_t(Np) * Np); b.resize(int64_t(Np) * dh);
     return Np;
@@ -379,8 +387,7 @@ extern "C" void cblas_gemm_bf16bf16f32(int layout, int trans_a, int trans_b, int
 void scores(int N, int Np, int dh, const uint16_t* x, int64_t ldx, const uint16_t* y, int64_t ldy, ScratchBF16&,
             float* s) {
   cblas_gemm_bf16bf16f32(101, 111, 112, N, N, dh, 1.0f, x, int(ldx), y, int(ldy), 0.0f, s, Np);
-  for (int i = 0; i < N; ++i)
-    for (int j = N; j < Np; ++j) s[int64_t(i) * Np + j] = 0.0f;
+  zero_padding(s, N, Np);
 }
 
 // C (N x dh) = op(A) B: A (N x Np fp32, rounded to bf16 here), op(A) = A or A^T; B (N x dh bf16, rows ldb apart).

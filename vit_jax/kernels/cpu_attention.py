@@ -54,6 +54,7 @@ from vit_jax.kernels.build import compile_library
 
 SOURCE = pathlib.Path(__file__).with_name('cpu_attention.cc')
 VECTOR = 16  # floats per vector in the kernel: the head dimension must be a multiple of it
+DTYPES = ('float32', 'bfloat16')  # what it computes in
 # Calls of fewer FLOPs (4 B H N^2 dh) take the kernel's own matmuls unmeasured: on an AVX2 EPYC MKL's build already
 # ran ViT-Ti's attention at batch 1 (30 MFLOP) 2.5-3x faster, so the bar is lower than the projections'.
 MIN_FLOPS = 2 ** 24
@@ -106,8 +107,6 @@ def available() -> bool:
     """Whether JAX runs on CPU and the kernel is on (``VIT_JAX_CPU_ATTENTION``, ``xla_attention``) and built."""
     return _enabled and jax.default_backend() == 'cpu' and _registered()
 
-
-DTYPES = ('float32', 'bfloat16')
 
 
 def supports(dtype, head_dim: int) -> bool:
