@@ -26,8 +26,11 @@ demo: $(STAMP)
 	$(PY) -m vit_jax.main --config configs/quickstart.py --workdir workdirs/quickstart
 	$(PY) -m vit_jax.export --workdir workdirs/quickstart --out workdirs/quickstart/export
 
+# A worker that dies (a kernel's SIGILL, a segfault) fails its test by name and is not restarted: the run ends, failed.
+PYTEST_PARALLEL := -n 2 --dist loadfile --max-worker-restart 0
+
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadfile -q
+	$(PY) -m pytest $(PYTEST_PARALLEL) -q
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow

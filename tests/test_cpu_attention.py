@@ -102,12 +102,19 @@ def test_bfloat16_single_token_is_exact():
     np.testing.assert_allclose(dqkv[:, :, :2].astype(jnp.float32), 0, atol=1e-4)
 
 
-@pytest.mark.skipif(__import__('platform').machine() != 'x86_64', reason='x86 instruction sets')
-@pytest.mark.parametrize('march', ['x86-64-v4', 'x86-64-v3'])
+def _runs_here(march):
+    """A pytest.param of ``march``, skipped (with the instruction sets it lacks) on a CPU that cannot run its code."""
+    from vit_jax.kernels.build import missing_instructions
+    missing = missing_instructions(march) if __import__('platform').machine() == 'x86_64' else ['x86-64']
+    return pytest.param(march, marks=pytest.mark.skipif(
+        bool(missing), reason=f'this CPU lacks {", ".join(missing)}, which a -march={march} build may use'))
+
+
+@pytest.mark.parametrize('march', [_runs_here('x86-64-v4'), _runs_here('x86-64-v3')])
 def test_portable_builds_match_this_one(march):
     """The kernel compiled for AVX-512 without AVX512-BF16 (v4: bf16 widened to fp32 in the matmuls) and for AVX2
     (v3: narrower register blocks) gives this machine's build's numbers, fp32 and bf16: what a researcher's older
-    CPU runs."""
+    CPU runs. Each runs only on a CPU with its instruction sets (on an AVX2 CPU the v4 build would die of SIGILL)."""
     import ctypes
     from vit_jax.kernels.build import compile_library
     variant = '_' + march.replace('-', '_')
@@ -159,11 +166,14 @@ def test_auto_takes_the_kernel_only_where_it_beat_xla_here(monkeypatch, tmp_path
     timed = []
     monkeypatch.setattr(cpu_attention, '_time_against_xla',
                         lambda *shape: timed.append(shape) or {'kernel': kernel_s, 'xla': xla_s})
-    assert encoder.resolve_attention('auto', jnp.float32, 64, (32, 197, 3)) == expected
-    assert encoder.resolve_attention('auto', jnp.float32, 64, (32, 197, 3)) == expected
-    assert encoder.resolve_attention('auto', jnp.float32, 64, (2, 17, 2)) == 'cpu_kernel'
-    assert encoder.resolve_attention('cpu_kernel', jnp.float32, 64, (32, 197, 3)) == 'cpu_kernel'  # asked for
-    assert encoder.resolve_attention('auto', jnp.bfloat16, 64, (32, 197, 3)) == expected
+    assert encoder.resolve_attention('auto', jnp.float32, 64, (32, 197, 3), 'cpu') == expected
+    assert encoder.resolve_attention('auto', jnp.float32, 64, (32, 197, 3), 'cpu') == expected
+    assert encoder.resolve_attention('auto', jnp.float32, 64, (2, 17, 2), 'cpu') == 'cpu_kernel'
+    assert encoder.resolve_attention('cpu_kernel', jnp.float32, 64, (32, 197, 3), 'cpu') == 'cpu_kernel'  # asked for
+    assert encoder.resolve_attention('auto', jnp.bfloat16, 64, (32, 197, 3), 'cpu') == expected
+    # Compiled for a GPU or TPU (or portable), nothing of the CPU's is timed or taken.
+    for platform in ('cuda:9.0', 'tpu', 'portable'):
+        assert encoder.resolve_attention('auto', jnp.float32, 64, (64, 197, 3), platform) == 'xla'
     assert timed == [(32, 197, 3, 64, 'float32'), (32, 197, 3, 64, 'bfloat16')]  # each dtype measured on its own
     choices.forget()
 
@@ -207,7 +217,7 @@ def test_sharded_over_batch_and_heads_without_gathering(dtype):
 def test_vit_uses_the_kernel_on_cpu_and_matches_xla_path():
     """A ViT's logits and gradients are the same through the kernel and XLA's ops, and the kernel is what runs."""
     model = models.create_model('vit_ti16', num_classes=10, image_size=32, patch_size=8, hidden_size=64,
-                                num_layers=2, num_heads=2, mlp_dim=128)
+                                num_layers=2, num_heads=2, mlp_dim=128, platform='cpu')
     x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
     params = model.init(jax.random.key(1), x)
 
@@ -244,7 +254,7 @@ def test_build_failure_names_the_compiler_error(tmp_path, monkeypatch):
 
 def _tiny_vit(**overrides):
     return models.create_model('vit_ti16', num_classes=10, image_size=32, patch_size=8, hidden_size=64,
-                               num_layers=1, num_heads=2, mlp_dim=128, **overrides)
+                               num_layers=1, num_heads=2, mlp_dim=128, **{'platform': 'cpu', **overrides})
 
 
 def test_attention_impl_is_a_field_that_jit_sees():
@@ -272,7 +282,7 @@ def test_bfloat16_model_runs_the_kernel_in_bfloat16():
         return jnp.mean(jnp.square(model.apply(p, x)))
     run = jax.jit(lambda model, p: jax.value_and_grad(functools.partial(loss, model))(p), static_argnums=0)
     assert 'vit_attention_backward_bf16' in run.lower(kernel, params).as_text()
-    assert encoder.resolve_attention('auto', jnp.bfloat16, 64, (2, 17, 2)) == 'cpu_kernel'  # too small to measure
+    assert encoder.resolve_attention('auto', jnp.bfloat16, 64, (2, 17, 2), 'cpu') == 'cpu_kernel'  # too small
     (got, got_grads), (ref, ref_grads) = run(kernel, params), run(xla, params)
     np.testing.assert_allclose(got, ref, rtol=2e-2)
     for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(ref_grads)):
@@ -281,50 +291,52 @@ def test_bfloat16_model_runs_the_kernel_in_bfloat16():
 
 def test_impossible_attention_impl_names_why_and_the_fix():
     x = jnp.zeros((1, 32, 32, 3))
-    with pytest.raises(ValueError, match="attention_impl='cudnn' needs a GPU .* backend cpu, dtype float32, head dim "
-                                         "32.*attention_impl='auto'"):
+    with pytest.raises(ValueError, match="attention_impl='cudnn' needs a GPU .* platform cpu, dtype float32, head "
+                                         "dim 32.*attention_impl='auto'"):
         _tiny_vit(attention_impl='cudnn').init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="attention_impl='cudnn' needs a GPU .* platform cuda:7.5, dtype bfloat16"):
+        _tiny_vit(attention_impl='cudnn', platform='cuda:7.5', dtype='bfloat16').init(jax.random.key(0), x)
     with pytest.raises(ValueError, match="attention_impl='cpu_kernel' needs .* dtype float16"):
         _tiny_vit(attention_impl='cpu_kernel', dtype='float16').init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="attention_impl='cpu_kernel' needs the CPU platform.*platform tpu"):
+        _tiny_vit(attention_impl='cpu_kernel', platform='tpu').init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"platform='gpu' is not one of 'portable', 'cpu'.*'cuda:9.0'"):
+        _tiny_vit(platform='gpu')
     with pytest.raises(ValueError, match=r"attention_impl='flash' is not one of \('auto', 'xla', 'cudnn'"):
         _tiny_vit(attention_impl='flash')
-
-
-class _FakeGpu:
-    def __init__(self, capability):
-        self.compute_capability = capability
 
 
 @pytest.mark.parametrize('capability, dtype, head_dim, expected', [
     ('9.0', 'bfloat16', 64, 'cudnn'), ('8.0', 'float16', 128, 'cudnn'), ('9.0', 'bfloat16', 256, 'cudnn'),
     ('8.0', 'bfloat16', 256, 'xla'),  # > 128 before Hopper
     ('9.0', 'float32', 64, 'xla'), ('9.0', 'bfloat16', 20, 'xla'), ('7.5', 'bfloat16', 64, 'xla')])
-def test_auto_on_gpu_is_cudnn_where_it_can_run(monkeypatch, capability, dtype, head_dim, expected):
-    monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
-    monkeypatch.setattr(jax, 'devices', lambda *a: [_FakeGpu(capability)])
-    assert encoder.resolve_attention('auto', jnp.dtype(dtype), head_dim) == expected
+def test_auto_on_gpu_is_cudnn_where_it_can_run(capability, dtype, head_dim, expected):
+    assert encoder.resolve_attention('auto', jnp.dtype(dtype), head_dim, (8, 197, 12), f'cuda:{capability}') == expected
 
 
-def test_cudnn_is_asked_for_explicitly(monkeypatch):
-    """jax.nn.dot_product_attention's default (implementation=None) is XLA's attention in this jax: 'auto' on a GPU
-    in bfloat16 must name cuDNN."""
+def test_cudnn_is_asked_for_explicitly_and_the_host_is_never_asked(monkeypatch):
+    """jax.nn.dot_product_attention's default (implementation=None) is XLA's attention in this jax: 'auto' compiled
+    for a GPU in bfloat16 must name cuDNN; compiled for a TPU, XLA's. The model decides from its platform alone: a
+    host that says it is a GPU changes nothing."""
     calls = []
-    monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
-    monkeypatch.setattr(jax, 'devices', lambda *a: [_FakeGpu('9.0')])
-    monkeypatch.setattr(jax.nn, 'dot_product_attention',
-                        lambda q, k, v, scale, implementation: calls.append(implementation) or q)
-    model, x = _tiny_vit(dtype='bfloat16'), jnp.zeros((1, 32, 32, 3))
-    params = jax.eval_shape(model.init, jax.random.key(0), x)  # init takes the maps' path (all collections mutable)
-    jax.eval_shape(model.apply, params, x)
-    monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')
-    jax.eval_shape(model.apply, params, x)
-    assert calls == ['cudnn', 'xla']
+    monkeypatch.setattr(jax, 'default_backend', lambda: pytest.fail('the model asked the host for its backend'))
+    monkeypatch.setattr(jax, 'devices', lambda *a: pytest.fail('the model asked the host for its devices'))
+    monkeypatch.setattr(jax.nn, 'dot_product_attention', lambda q, k, v, scale, implementation, **lengths:
+                        calls.append((implementation, q.shape[1], sorted(lengths))) or q)
+    x = jnp.zeros((1, 32, 32, 3))
+    for platform in ('cuda:9.0', 'tpu'):
+        model = _tiny_vit(dtype='bfloat16', platform=platform)
+        params = jax.eval_shape(model.init, jax.random.key(0), x)  # init takes the maps' path (all collections mutable)
+        jax.eval_shape(model.apply, params, x)
+    # 17 tokens: cuDNN's call padded to 24 with both lengths given; XLA's call as it is.
+    assert calls == [('cudnn', 24, ['key_value_seq_lengths', 'query_seq_lengths']), ('xla', 17, [])]
 
 
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason='cuDNN runs on a GPU (benchmarks/gpu.sh runs this there)')
 def test_cudnn_matches_xla_attention_on_gpu():
     """On a GPU, 'auto' in bfloat16 compiles to cuDNN's fused attention and gives XLA's logits and gradients."""
-    model = _tiny_vit(dtype='bfloat16')
+    from vit_jax import hardware
+    model = _tiny_vit(dtype='bfloat16', platform=hardware.host_platform())
     x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
     params = model.init(jax.random.key(1), x)
 

@@ -117,7 +117,7 @@ def test_sharded_products_equal_unsharded(mkl_everywhere, x_spec, w_spec):
 
 def _tiny_vit(**overrides):
     return models.create_model('vit_ti16', num_classes=10, image_size=32, patch_size=8, hidden_size=64,
-                               num_layers=1, num_heads=2, mlp_dim=128, **overrides)
+                               num_layers=1, num_heads=2, mlp_dim=128, **{"platform": "cpu", **overrides})
 
 
 # fp32 runs attention through the CPU kernel, token-major; bf16 and explicit attention maps head-major through XLA's

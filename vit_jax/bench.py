@@ -44,9 +44,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from vit_jax import host_memory, models, sharding, timing  # noqa: E402
+from vit_jax import hardware, host_memory, models, sharding, timing  # noqa: E402
 from vit_jax.kernels import cpu_attention, cpu_gemm  # noqa: E402
 from vit_jax.kernels.build import cpu_flags, cpu_model  # noqa: E402
+from vit_jax.models import encoder  # noqa: E402
 from vit_jax.objectives import Supervised  # noqa: E402
 from vit_jax.train.config import base_config, load_config  # noqa: E402
 from vit_jax.train.optim import create_optimizer  # noqa: E402
@@ -63,7 +64,7 @@ def matmul_peak(dtype: str) -> tuple[float, dict[str, Callable[[], Any]]]:
     a = jnp.ones((n, n), dtype)
     # bf16 accumulates in fp32, as the model's products do (cpu_gemm.xla_product; XLA:CPU's fast bf16 path).
     products = {'xla': jax.jit(cpu_gemm.xla_product if jax.default_backend() == 'cpu' else lambda x, y: x @ y)}
-    if cpu_gemm.available():
+    if jax.default_backend() == 'cpu' and cpu_gemm.available():
         products['mkl'] = jax.jit(cpu_gemm.mkl_product)
     return 2.0 * n ** 3, {f'{PEAK}:{dtype}:{name}': lambda f=f: f(a, a).block_until_ready()
                           for name, f in products.items()}
@@ -228,7 +229,7 @@ def build_model(args) -> Any:
     overrides = dict(kv.split('=', 1) for kv in args.override)
     overrides = {k: _parse(v) for k, v in overrides.items()}
     return models.create_model(args.model, num_classes=args.num_classes, image_size=args.image_size,
-                               dtype=args.dtype, **overrides)
+                               dtype=args.dtype, **{'platform': hardware.host_platform(), **overrides})
 
 
 def _parse(value: str):
@@ -444,7 +445,11 @@ def run(args) -> dict[str, Any]:
         cpu_model=cpu_model(), cpu_amx='amx_bf16' in cpu_flags().split(),
         num_devices=jax.device_count(), microbatches=args.microbatches, threads=args.threads,
         malloc_tuned=host_memory.malloc_configured(),
-        cpu_attention_kernel=cpu_attention.available(), cpu_gemm=cpu_gemm.available())
+        cpu_attention_kernel=cpu_attention.available(), cpu_gemm=cpu_gemm.available(), platform=model.platform,
+        # What 'auto' (or the override) runs at this batch: 'cudnn', 'cpu_kernel' or 'xla'.
+        attention=encoder.resolve_attention(
+            model.attention_impl, model.dtype, model.hidden_size // model.num_heads,
+            (args.batch, model.grid_size ** 2 + model.num_prefix_tokens, model.num_heads), model.platform))
     if args.mode == 'compile':
         # The train step compiled, not run: compile time, model FLOPs and XLA's memory plan, i.e. whether a model and
         # batch fit a device (e.g. vit_l16 at batch 128 with --override scan_layers=true --override remat=true).

@@ -29,7 +29,8 @@ class ExportError(ValueError):
 CHOICES = {'classifier': ('token', 'gap', 'unpooled', 'token_unpooled'), 'posemb': ('learned', 'sinusoid', 'sincos2d'),
            'stem': ('patch', 'resnet', 't2t'), 'tokens_type': ('performer', 'transformer'),
            'dtype': ('float32', 'bfloat16', 'float16'), 'param_dtype': ('float32', 'bfloat16', 'float16')}
-TRAINING_ONLY = ('dropout_rate', 'attention_dropout_rate', 'drop_path_rate', 'scan_layers', 'remat', 'attention_impl')
+TRAINING_ONLY = ('dropout_rate', 'attention_dropout_rate', 'drop_path_rate', 'scan_layers', 'remat', 'attention_impl',
+                 'platform')
 KNOWN_FIELDS = {
     'VisionTransformer': {'num_classes', 'image_size', 'patch_size', 'hidden_size', 'num_layers', 'num_heads',
                           'mlp_dim', 'classifier', 'representation_size', 'dtype', 'param_dtype', 'gelu_approximate',

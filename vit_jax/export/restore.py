@@ -9,7 +9,7 @@ from typing import Any
 
 import ml_collections
 
-from vit_jax import models
+from vit_jax import hardware, models
 from vit_jax.checkpoints import CheckpointMismatchError, load_params, restore_vit_jax
 from vit_jax.checkpoints.common import fit_to_model
 
@@ -43,7 +43,7 @@ def load_workdir(workdir: str, step: int | None = None, ema: bool = True):
     overrides = {k: v for k, v in config.model.to_dict().items() if v is not None}
     head = flat.get('head/bias')
     model = models.create_model(config.model_name, num_classes=0 if head is None else int(head.shape[0]),
-                                image_size=config.image_size, **overrides)
+                                image_size=config.image_size, platform=hardware.host_platform(), **overrides)
     params = fit_to_model(flat, model, f'{path} ({key})')  # every key and shape checked, scanned if the model is
     source = {'workdir': os.path.abspath(workdir), 'step': int(os.path.basename(path)), 'params': key}
     return model, params, config, source
@@ -63,7 +63,7 @@ def load_checkpoint(path: str, name: str, overrides: dict[str, Any], num_classes
         except CheckpointMismatchError as e:
             widths = [ckpt[0] for key, ckpt, _ in e.mismatched if key == 'head/bias']
             num_classes = widths[0] if widths else (0 if 'head/bias' in e.missing else 1)
-    model = models.create_model(name, num_classes=num_classes, **kwargs)
+    model = models.create_model(name, num_classes=num_classes, **{'platform': hardware.host_platform(), **kwargs})
     params = load_params(path, model, format)
     return model, params, {'checkpoint': os.path.abspath(path), 'model': name, 'overrides': overrides}
 

@@ -23,7 +23,7 @@ from typing import Callable
 
 import jax
 
-from vit_jax.kernels.build import cache_dir, cpu_flags, cpu_model
+from vit_jax.kernels.build import cache_dir, cpu_model, isa_flags
 
 MARGIN = 0.95
 
@@ -33,7 +33,7 @@ _lock = threading.Lock()
 
 def _path(kind: str, parts: tuple[str, ...]) -> pathlib.Path:
     key = hashlib.sha256()
-    for part in (cpu_model(), cpu_flags(), jax.__version__, *parts):
+    for part in (cpu_model(), ' '.join(isa_flags()), jax.__version__, *parts):
         key.update(part.encode())
     return cache_dir() / f'{kind}-choices-{key.hexdigest()[:16]}.json'
 

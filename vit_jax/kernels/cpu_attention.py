@@ -104,14 +104,14 @@ def _target(direction: str, dtype, variant: str) -> str:
 
 
 def available() -> bool:
-    """Whether JAX runs on CPU and the kernel is on (``VIT_JAX_CPU_ATTENTION``, ``xla_attention``) and built."""
-    return _enabled and jax.default_backend() == 'cpu' and _registered()
-
+    """Whether the kernel is on (``VIT_JAX_CPU_ATTENTION``, ``xla_attention``) and built. Only a model compiled for
+    the CPU asks (its ``platform``, from the mesh: ``vit_jax.hardware``), whatever the host process runs on."""
+    return _enabled and _registered()
 
 
 def supports(dtype, head_dim: int) -> bool:
-    """Whether ``attention`` can take qkv of this dtype and head dimension: float32 or bfloat16, a multiple of 16, on
-    CPU."""
+    """Whether ``attention`` can take qkv of this dtype and head dimension: float32 or bfloat16, a multiple of 16,
+    with the kernel built."""
     return available() and jnp.dtype(dtype).name in DTYPES and head_dim % VECTOR == 0
 
 

@@ -128,12 +128,13 @@ def _registered() -> bool:
 
 
 def _on_cpu_here() -> bool:
-    """JAX on CPU, and not within ``xla_gemm()``: where projections may leave XLA's plain dot at all."""
-    return not _disabled_here and jax.default_backend() == 'cpu'
+    """Not within ``xla_gemm()``: where projections may leave XLA's plain dot at all. Only a model compiled for the
+    CPU calls this module (its ``platform``, from the mesh: ``vit_jax.hardware``), whatever the host runs on."""
+    return not _disabled_here
 
 
 def available() -> bool:
-    """Whether projections may take MKL here: JAX on CPU, the mode not ``xla``, and the library built."""
+    """Whether projections may take MKL here: the mode not ``xla``, and the library built."""
     return _on_cpu_here() and mode() != 'xla' and _registered()
 
 
@@ -268,8 +269,8 @@ def _time_candidates(dtype, rows, depth, cols, trans_a, trans_b, rounds: int = 7
 
 
 def applies(dtype) -> bool:
-    """Whether projections of this dtype may leave XLA's plain dot here: a dtype in ``DTYPES``, JAX on CPU, and not
-    within ``xla_gemm()``."""
+    """Whether projections of this dtype may leave XLA's plain dot here: a dtype in ``DTYPES``, and not within
+    ``xla_gemm()``."""
     return jnp.dtype(dtype).name in DTYPES and _on_cpu_here()
 
 

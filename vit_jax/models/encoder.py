@@ -30,6 +30,11 @@ from vit_jax.kernels import cpu_attention, cpu_gemm
 
 Dtype = Any
 
+# What a model is compiled for (its ``platform`` field, set from the mesh's devices by ``vit_jax.hardware``): 'cpu',
+# 'tpu', 'cuda:<compute capability>' ('cuda:9.0' for an H100), 'rocm', or 'portable' (XLA's own ops only, for any
+# platform: what a model built without a mesh gets).
+PORTABLE = 'portable'
+
 # Initialisers of google-research/vision_transformer, which trained the public checkpoints.
 dense_kernel_init = nn.initializers.xavier_uniform()
 dense_bias_init = nn.initializers.normal(stddev=1e-6)
@@ -44,7 +49,7 @@ def qkv_kernel_init(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.f
 
 
 def token_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
-                      preferred_element_type=None) -> jax.Array:
+                      preferred_element_type=None, *, cpu: bool = False) -> jax.Array:
     """``lax.dot_general`` for a projection of tokens, with the lhs's leading (batch, token) dims merged into one.
 
     The numbers are the same; the backward pass is not. Differentiating a projection of (B, N, D) activations gives a
@@ -54,13 +59,16 @@ def token_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precisi
     On CPU the merged (B N, K) x (K, N') product and its two gradients each run through MKL where the machine ran it
     faster than XLA's dot (``kernels/cpu_gemm``: measured per shape, off with ``VIT_JAX_CPU_GEMM=xla``).
     Passed to ``nn.Dense`` / ``nn.DenseGeneral`` as their ``dot_general``; any other contraction goes to lax as is.
+    ``cpu``: whether the product may leave XLA's plain dot for ``cpu_gemm.matmul`` at all: True only in a model
+    compiled for the CPU (``platform='cpu'``), so that a program for a GPU or TPU holds no CPU call.
     """
     (lhs_contract, rhs_contract), batch = dimension_numbers
     lead = lhs.ndim - len(lhs_contract)
     if batch != ((), ()) or lead < 2:
         return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                    preferred_element_type=preferred_element_type)
-    if precision is None and preferred_element_type is None and tuple(rhs_contract) == tuple(range(len(rhs_contract))):
+    if cpu and precision is None and preferred_element_type is None and \
+            tuple(rhs_contract) == tuple(range(len(rhs_contract))):
         # Contracted dims moved last (a head-major attention output, (B, H, N, dh) over H and dh): a transpose,
         # taken only where MKL then runs the product.
         free = [i for i in range(lhs.ndim) if i not in lhs_contract]
@@ -109,9 +117,15 @@ def _bias_add_backward(bias, dy):
 _bias_add.defvjp(_bias_add_forward, _bias_add_backward)
 
 
+def dot_general_for(platform: str):
+    """``token_dot_general`` for a model compiled for ``platform``."""
+    return functools.partial(token_dot_general, cpu=platform == 'cpu')
+
+
 class TokenDense(nn.Module):
     """A projection of tokens: flax's ``DenseGeneral`` over ``axis`` (its parameters, names and initialisation)
-    through ``token_dot_general``, with its bias added by ``bias_add``."""
+    through ``token_dot_general`` (its CPU products only where ``platform`` is 'cpu'), with its bias added by
+    ``bias_add``."""
 
     features: int
     axis: int | tuple[int, ...] = -1
@@ -120,13 +134,14 @@ class TokenDense(nn.Module):
     param_dtype: Dtype = jnp.float32
     kernel_init: Any = dense_kernel_init
     bias_init: Any = dense_bias_init
+    platform: str = PORTABLE
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         # The kernel is DenseGeneral's own, in this module's scope: 'kernel' and 'bias' side by side as before.
         general = nn.DenseGeneral(self.features, axis=self.axis, use_bias=False, dtype=self.dtype,
                                   param_dtype=self.param_dtype, kernel_init=self.kernel_init,
-                                  dot_general=token_dot_general)
+                                  dot_general=dot_general_for(self.platform))
         nn.share_scope(self, general)
         y = general(x)
         if not self.use_bias:
@@ -157,11 +172,12 @@ class MlpBlock(nn.Module):
     gelu_approximate: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    platform: str = PORTABLE
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
         d = x.shape[-1]
-        dense = functools.partial(TokenDense, dtype=self.dtype, param_dtype=self.param_dtype)
+        dense = functools.partial(TokenDense, dtype=self.dtype, param_dtype=self.param_dtype, platform=self.platform)
         x = dense(self.mlp_dim, name='fc1',
                   kernel_init=partitioned(dense_kernel_init, ('embed', 'mlp')),
                   bias_init=partitioned(dense_bias_init, ('mlp',)))(x)
@@ -176,42 +192,71 @@ class MlpBlock(nn.Module):
 
 ATTENTION_IMPLS = ('auto', 'xla', 'cudnn', 'cpu_kernel')
 CUDNN_DTYPES = ('bfloat16', 'float16')
+# cuDNN's fused attention gradient refuses token counts such as 197 (every ViT/DeiT with a class token at 224 px):
+# the tokens are padded to a multiple of this, the padded keys masked and the padded queries dropped (``padded``).
+CUDNN_TOKEN_MULTIPLE = 8
 
 
-def _cudnn_supports(dtype, head_dim: int) -> bool:
+def compute_capability(platform: str) -> float:
+    """The GPU compute capability in a platform name 'cuda:9.0' (0.0 for any other platform)."""
+    name, _, capability = platform.partition(':')
+    return float(capability) if name == 'cuda' and capability else 0.0
+
+
+def _cudnn_supports(dtype, head_dim: int, platform: str) -> bool:
     """cuDNN flash attention's conditions (jax's ``check_is_flash_attention``): bf16 / fp16, head dim a multiple of 8
     and <= 128 (256 from Hopper on), a GPU of compute capability >= 8.0 (Ampere)."""
-    if jax.default_backend() != 'gpu' or jnp.dtype(dtype).name not in CUDNN_DTYPES or head_dim % 8:
+    capability = compute_capability(platform)
+    if capability < 8.0 or jnp.dtype(dtype).name not in CUDNN_DTYPES or head_dim % 8:
         return False
-    capability = getattr(jax.devices()[0], 'compute_capability', '0.0')
-    major = float(capability)
-    return major >= 8.0 and head_dim <= (256 if major >= 9.0 else 128)
+    return head_dim <= (256 if capability >= 9.0 else 128)
 
 
-def resolve_attention(impl: str, dtype, head_dim: int, shape: tuple[int, int, int] | None = None) -> str:
-    """``attention_impl`` -> what runs: 'auto' is cuDNN's flash attention on a GPU where the dtype and head size
-    allow, the C++ kernel on CPU in float32 or bfloat16 (given the (batch, tokens, heads) ``shape``, only where it ran
-    faster than XLA's attention on this machine: ``cpu_attention.faster_than_xla``), XLA's attention otherwise; an
-    explicit choice that cannot run here raises, naming why."""
+def resolve_attention(impl: str, dtype, head_dim: int, shape: tuple[int, int, int] | None = None,
+                      platform: str = PORTABLE) -> str:
+    """``attention_impl`` -> what runs in a model compiled for ``platform`` (``vit_jax.hardware``: the devices of the
+    mesh, never the host process): 'auto' is cuDNN's flash attention on a GPU where the dtype and head size allow,
+    the C++ kernel on CPU in float32 or bfloat16 (given the (batch, tokens, heads) ``shape``, only where it ran
+    faster than XLA's attention on this machine: ``cpu_attention.faster_than_xla``), XLA's attention otherwise (a TPU,
+    fp32 on a GPU, a 'portable' model); an explicit choice that cannot run there raises, naming why."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f'attention_impl={impl!r} is not one of {ATTENTION_IMPLS}.')
+    on_cpu = platform == 'cpu'
     if impl == 'auto':
-        if _cudnn_supports(dtype, head_dim):
+        if _cudnn_supports(dtype, head_dim, platform):
             return 'cudnn'
-        kernel = cpu_attention.supports(dtype, head_dim) and (
+        kernel = on_cpu and cpu_attention.supports(dtype, head_dim) and (
             shape is None or cpu_attention.faster_than_xla(*shape, head_dim, dtype))
         return 'cpu_kernel' if kernel else 'xla'
-    if impl == 'cudnn' and not _cudnn_supports(dtype, head_dim):
+    if impl == 'cudnn' and not _cudnn_supports(dtype, head_dim, platform):
         raise ValueError(f'attention_impl=\'cudnn\' needs a GPU of compute capability >= 8.0 and dtype in '
                          f'{CUDNN_DTYPES} with a head dimension that is a multiple of 8 (<= 128, or 256 on Hopper); '
-                         f'here: backend {jax.default_backend()}, dtype {jnp.dtype(dtype).name}, head dim {head_dim}. '
+                         f'here: platform {platform}, dtype {jnp.dtype(dtype).name}, head dim {head_dim}. '
                          f'Use attention_impl=\'auto\' (it falls back to XLA\'s attention) or model.dtype=bfloat16.')
-    if impl == 'cpu_kernel' and not cpu_attention.supports(dtype, head_dim):
-        raise ValueError(f'attention_impl=\'cpu_kernel\' needs the CPU backend, float32 or bfloat16 and a head '
+    if impl == 'cpu_kernel' and not (on_cpu and cpu_attention.supports(dtype, head_dim)):
+        raise ValueError(f'attention_impl=\'cpu_kernel\' needs the CPU platform, float32 or bfloat16 and a head '
                          f'dimension that is a multiple of {cpu_attention.VECTOR}, with the kernel built; here: '
-                         f'backend {jax.default_backend()}, dtype {jnp.dtype(dtype).name}, head dim {head_dim}. Use '
+                         f'platform {platform}, dtype {jnp.dtype(dtype).name}, head dim {head_dim}. Use '
                          f'attention_impl=\'auto\'.')
     return impl
+
+
+def padded_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, implementation: str | None,
+                     multiple: int = CUDNN_TOKEN_MULTIPLE) -> jax.Array:
+    """``jax.nn.dot_product_attention`` of token-major q, k, v (B, N, H, dh) with the tokens padded to a multiple of
+    ``multiple``: the padded keys are masked (``key_value_seq_lengths``; ``query_seq_lengths`` too, which cuDNN's
+    padding mask takes) and the padded queries' outputs dropped, so the result and its gradients are those of the
+    unpadded attention. cuDNN's fused backward takes the padded lengths where it refuses 197, 257 or 577."""
+    n = q.shape[1]
+    padded = -(-n // multiple) * multiple
+    if padded == n:
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
+    widths = ((0, 0), (0, padded - n), (0, 0), (0, 0))
+    q, k, v = (jnp.pad(t, widths) for t in (q, k, v))
+    lengths = jnp.full((q.shape[0],), n, jnp.int32)
+    y = jax.nn.dot_product_attention(q, k, v, scale=scale, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+                                     implementation=implementation)
+    return y[:, :n]
 
 
 def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
@@ -240,6 +285,7 @@ class QKVProjection(nn.Module):
     head_major: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    platform: str = PORTABLE
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
@@ -250,14 +296,15 @@ class QKVProjection(nn.Module):
         if self.head_major:
             x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
             # Token-major through MKL and then transposed, where MKL takes the product (kernels/cpu_gemm).
-            flat = cpu_gemm.matmul(x.reshape(-1, d), kernel.reshape(d, -1))
+            flat = cpu_gemm.matmul(x.reshape(-1, d), kernel.reshape(d, -1)) if self.platform == 'cpu' else None
             if flat is None:
                 qkv = jnp.einsum('bnd,dthk->tbhnk', x, kernel)
             else:
                 qkv = flat.reshape(*x.shape[:2], *shape[1:]).transpose(2, 0, 3, 1, 4)
             bias_shape = (3, 1, self.num_heads, 1, shape[3])
         else:
-            qkv = token_dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (((2,), (0,)), ((), ())))
+            qkv = dot_general_for(self.platform)(x.astype(self.dtype), kernel.astype(self.dtype),
+                                                 (((2,), (0,)), ((), ())))
             bias_shape = shape[1:]
         if self.use_bias:
             bias = self.param('bias', partitioned(dense_bias_init, (None, 'heads', 'kv')), shape[1:],
@@ -273,9 +320,11 @@ class MultiHeadSelfAttention(nn.Module):
     (``resolve_attention``): 'cudnn' is ``jax.nn.dot_product_attention(implementation='cudnn')``, cuDNN's flash
     attention (``implementation=None`` would run XLA's in this jax); 'cpu_kernel' the fused C++ kernel of
     ``vit_jax.kernels.cpu_attention`` (float32 or bfloat16, head dimension a multiple of 16). Both take q, k, v
-    token-major (B, N, H, dh) and give the output so, and the projections on either side are plain matmuls. 'xla' is
+    token-major (B, N, H, dh) and give the output so, and the projections on either side are plain matmuls; cuDNN's
+    call pads the tokens to a length its backward takes (``padded_attention``). 'xla' is
     ``jax.nn.dot_product_attention(implementation='xla')`` on GPU / TPU, and on CPU XLA's own batched matmuls,
-    head-major (``softmax_attention``). A field, not a global: jit caches on the module. The explicit-softmax path,
+    head-major (``softmax_attention``). Which of them 'auto' is depends on ``platform``, the devices the model is
+    compiled for (``vit_jax.hardware``), never on the process that traces it. A field, not a global: jit caches on the module. The explicit-softmax path,
     head-major too, is taken when it is needed: attention dropout while training, or when the caller asks for the
     attention maps by making the ``'attention_weights'`` collection mutable
     (``model.apply(..., mutable=['attention_weights'])``).
@@ -287,6 +336,7 @@ class MultiHeadSelfAttention(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = 'auto'
+    platform: str = PORTABLE
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
@@ -296,9 +346,9 @@ class MultiHeadSelfAttention(nn.Module):
         scale = dh ** -0.5
         explicit = (not deterministic and self.attention_dropout_rate > 0.0) or self.is_mutable_collection(
             'attention_weights')
-        impl = resolve_attention(self.attention_impl, self.dtype, dh, (x.shape[0], x.shape[1], h))
-        head_major = explicit or (impl == 'xla' and jax.default_backend() == 'cpu')
-        qkv = QKVProjection(h, self.qkv_bias, head_major, self.dtype, self.param_dtype, name='qkv')(x)
+        impl = resolve_attention(self.attention_impl, self.dtype, dh, (x.shape[0], x.shape[1], h), self.platform)
+        head_major = explicit or (impl == 'xla' and self.platform == 'cpu')
+        qkv = QKVProjection(h, self.qkv_bias, head_major, self.dtype, self.param_dtype, self.platform, name='qkv')(x)
         if explicit:
             q, k, v = qkv  # (B, H, N, dh)
             logits = jnp.einsum('bhqd,bhkd->bhqk', q * jnp.asarray(scale, q.dtype), k)
@@ -310,6 +360,8 @@ class MultiHeadSelfAttention(nn.Module):
             y = softmax_attention(*qkv, scale)  # (B, H, N, dh)
         elif impl == 'cpu_kernel':
             y = cpu_attention.attention(qkv, scale)  # (B, N, H, dh)
+        elif impl == 'cudnn':
+            y = padded_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], scale, impl)
         else:
             y = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], scale=scale,
                                              implementation=impl)
@@ -317,7 +369,7 @@ class MultiHeadSelfAttention(nn.Module):
         # output written token-major first would cost a transpose of every activation (on CPU ~40% of the attention
         # block's fwd + bwd time at ViT-Ti shapes, through XLA's ops).
         return TokenDense(d, axis=(1, 3) if head_major else (2, 3), name='out', dtype=self.dtype,
-                          param_dtype=self.param_dtype,
+                          param_dtype=self.param_dtype, platform=self.platform,
                           kernel_init=partitioned(dense_kernel_init, ('heads', 'kv', 'embed')),
                           bias_init=partitioned(dense_bias_init, ('embed',)))(y)
 
@@ -336,6 +388,7 @@ class EncoderBlock(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = 'auto'
+    platform: str = PORTABLE
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool, drop_path_rate: float | jax.Array | None = None):
@@ -347,7 +400,8 @@ class EncoderBlock(nn.Module):
 
         y = norm('norm1')(x)
         y = MultiHeadSelfAttention(self.num_heads, self.qkv_bias, self.attention_dropout_rate,
-                                   self.dtype, self.param_dtype, self.attention_impl, name='attn')(y, deterministic)
+                                   self.dtype, self.param_dtype, self.attention_impl, self.platform,
+                                   name='attn')(y, deterministic)
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
         if stochastic_depth:
             y = drop_path(y, rate, self.make_rng('dropout'))
@@ -355,7 +409,7 @@ class EncoderBlock(nn.Module):
 
         y = norm('norm2')(x)
         y = MlpBlock(self.mlp_dim, self.dropout_rate, self.gelu_approximate, self.dtype, self.param_dtype,
-                     name='mlp')(y, deterministic)
+                     self.platform, name='mlp')(y, deterministic)
         if stochastic_depth:
             y = drop_path(y, rate, self.make_rng('dropout'))
         x = x + y
@@ -401,13 +455,15 @@ class Encoder(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = 'auto'
+    platform: str = PORTABLE
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
         block_kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
                             attention_dropout_rate=self.attention_dropout_rate, qkv_bias=self.qkv_bias,
                             gelu_approximate=self.gelu_approximate, layer_norm_eps=self.layer_norm_eps,
-                            dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl)
+                            dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl,
+                            platform=self.platform)
         rates = [self.drop_path_rate * i / max(self.num_layers - 1, 1) for i in range(self.num_layers)]
         if self.scan_layers:
             block_cls = _ScannedBlock

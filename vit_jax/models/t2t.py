@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax.models.encoder import MlpBlock, TokenDense, dense_bias_init, dense_kernel_init, token_dot_general
+from vit_jax.models.encoder import PORTABLE, MlpBlock, TokenDense, dense_bias_init, dense_kernel_init, dot_general_for
 
 Dtype = Any
 
@@ -50,9 +50,9 @@ def soft_split(x: jax.Array, kernel: int, stride: int, padding: int) -> jax.Arra
         dimension_numbers=('NHWC', 'OIHW', 'NHWC'), precision=jax.lax.Precision.HIGHEST)
 
 
-def _dense(features: int, name: str, dtype: Dtype, param_dtype: Dtype, use_bias: bool = True) -> TokenDense:
-    return TokenDense(features, use_bias=use_bias, name=name, dtype=dtype, param_dtype=param_dtype,
-                      kernel_init=dense_kernel_init, bias_init=dense_bias_init)
+def _dense(features: int, name: str, dtype: Dtype, param_dtype: Dtype, platform: str) -> TokenDense:
+    return TokenDense(features, name=name, dtype=dtype, param_dtype=param_dtype, kernel_init=dense_kernel_init,
+                      bias_init=dense_bias_init, platform=platform)
 
 
 class TokenTransformer(nn.Module):
@@ -62,6 +62,7 @@ class TokenTransformer(nn.Module):
     layer_norm_eps: float = 1e-5
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    platform: str = PORTABLE
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
@@ -71,14 +72,14 @@ class TokenTransformer(nn.Module):
         y = norm('norm1')(x)
         qkv = nn.DenseGeneral((3, self.token_dim), use_bias=False, name='qkv', dtype=self.dtype,
                               param_dtype=self.param_dtype, kernel_init=dense_kernel_init,
-                              dot_general=token_dot_general)(y)
+                              dot_general=dot_general_for(self.platform))(y)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         # Scaled by the input width, not token_dim: the original's head_dim = dim // num_heads with num_heads = 1.
         attn = jax.nn.softmax((q * dim ** -0.5) @ jnp.swapaxes(k, -1, -2), axis=-1)
         self.sow('attention_weights', 'weights', attn[:, None])
-        y = _dense(self.token_dim, 'out', self.dtype, self.param_dtype)(attn @ v)
+        y = _dense(self.token_dim, 'out', self.dtype, self.param_dtype, self.platform)(attn @ v)
         x = v + y  # the residual is v: the block's input has a different width
-        return x + MlpBlock(self.token_dim, 0.0, False, self.dtype, self.param_dtype, name='mlp')(
+        return x + MlpBlock(self.token_dim, 0.0, False, self.dtype, self.param_dtype, self.platform, name='mlp')(
             norm('norm2')(x), deterministic)
 
 
@@ -91,6 +92,7 @@ class TokenPerformer(nn.Module):
     layer_norm_eps: float = 1e-5
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    platform: str = PORTABLE
 
     def _random_features_init(self, rng: jax.Array, shape: tuple[int, int], dtype: Dtype) -> jax.Array:
         # Orthogonal rows scaled by sqrt(m), as ``nn.init.orthogonal_(w) * sqrt(m)`` in the original.
@@ -112,18 +114,18 @@ class TokenPerformer(nn.Module):
                                          name=name)
         dropout = nn.Dropout(self.dropout_rate)
 
-        kqv = _dense(3 * emb, 'kqv', self.dtype, self.param_dtype)(norm('norm1')(x))
+        kqv = _dense(3 * emb, 'kqv', self.dtype, self.param_dtype, self.platform)(norm('norm1')(x))
         k, q, v = jnp.split(kqv, 3, axis=-1)  # k, q, v: the original's order
         kp, qp = self.prm_exp(k, w), self.prm_exp(q, w)  # (B, T, m)
         hp = jax.lax.Precision.HIGHEST
         normaliser = jnp.einsum('bti,bi->bt', qp, kp.sum(axis=1), precision=hp)[..., None]  # (B, T, 1)
         kptv = jnp.einsum('bin,bim->bnm', v.astype(jnp.float32), kp, precision=hp)  # (B, emb, m)
         y = jnp.einsum('bti,bni->btn', qp, kptv, precision=hp) / (normaliser + 1e-8)  # (B, T, emb)
-        y = _dense(emb, 'proj', self.dtype, self.param_dtype)(y.astype(self.dtype))
+        y = _dense(emb, 'proj', self.dtype, self.param_dtype, self.platform)(y.astype(self.dtype))
         x = v + dropout(y, deterministic=deterministic)  # the residual is v, as in the token Transformer
 
-        y = _dense(emb, 'fc1', self.dtype, self.param_dtype)(norm('norm2')(x))
-        y = _dense(emb, 'fc2', self.dtype, self.param_dtype)(nn.gelu(y, approximate=False))
+        y = _dense(emb, 'fc1', self.dtype, self.param_dtype, self.platform)(norm('norm2')(x))
+        y = _dense(emb, 'fc2', self.dtype, self.param_dtype, self.platform)(nn.gelu(y, approximate=False))
         # Dropout twice, as the original: once at the end of its ``mlp`` Sequential, once around it.
         return x + dropout(dropout(y, deterministic=deterministic), deterministic=deterministic)
 
@@ -137,15 +139,17 @@ class TokensToToken(nn.Module):
     layer_norm_eps: float = 1e-5
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    platform: str = PORTABLE
 
     @nn.compact
     def __call__(self, images: jax.Array, deterministic: bool) -> jax.Array:
         if self.tokens_type == 'performer':
             layer = lambda name: TokenPerformer(self.token_dim, layer_norm_eps=self.layer_norm_eps,  # noqa: E731
-                                                dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+                                                dtype=self.dtype, param_dtype=self.param_dtype,
+                                                platform=self.platform, name=name)
         else:
             layer = lambda name: TokenTransformer(self.token_dim, self.layer_norm_eps,  # noqa: E731
-                                                  self.dtype, self.param_dtype, name=name)
+                                                  self.dtype, self.param_dtype, self.platform, name=name)
         x = soft_split(images, kernel=7, stride=4, padding=2)
         for i, name in enumerate(('attention1', 'attention2')):
             h, w = x.shape[1:3]
@@ -154,6 +158,7 @@ class TokensToToken(nn.Module):
             x = soft_split(x, kernel=3, stride=2, padding=1)
         x = einops.rearrange(x, 'b h w c -> b (h w) c')
         return TokenDense(self.hidden_size, name='project', dtype=self.dtype, param_dtype=self.param_dtype,
+                          platform=self.platform,
                           kernel_init=nn.with_logical_partitioning(dense_kernel_init, (None, 'embed')),
                           bias_init=nn.with_logical_partitioning(dense_bias_init, ('embed',)))(x)
 

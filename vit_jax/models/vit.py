@@ -15,6 +15,7 @@ every block's attention maps.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import einops
@@ -23,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax.models.encoder import ATTENTION_IMPLS, Encoder, dense_bias_init, dense_kernel_init
+from vit_jax.models.encoder import ATTENTION_IMPLS, PORTABLE, Encoder, dense_bias_init, dense_kernel_init
 from vit_jax.models.resnet import ResNetStem, check_width
 from vit_jax.models.t2t import TokensToToken, sinusoid_table
 
@@ -105,6 +106,9 @@ class VisionTransformer(nn.Module):
     remat: bool = False
     # 'auto' | 'xla' | 'cudnn' | 'cpu_kernel' (encoder.resolve_attention); not a parameter: legal to change mid-run.
     attention_impl: str = 'auto'
+    # What the model is compiled for: 'cpu', 'tpu', 'cuda:9.0', ... or 'portable' (encoder.PORTABLE). Set from the
+    # mesh's devices by the training system (vit_jax.hardware); it decides 'auto' attention and the CPU kernels.
+    platform: str = PORTABLE
 
     def __post_init__(self):
         validate(self)
@@ -137,7 +141,7 @@ class VisionTransformer(nn.Module):
         d = self.hidden_size
         if self.stem == 't2t':
             self.tokens_to_token = TokensToToken(d, self.token_dim, self.tokens_type, self.layer_norm_eps,
-                                                 dtype, pdtype)
+                                                 dtype, pdtype, self.platform)
         else:
             if self.stem == 'resnet':
                 self.resnet = ResNetStem(tuple(self.resnet_layers), self.resnet_width, dtype, pdtype)
@@ -164,7 +168,7 @@ class VisionTransformer(nn.Module):
         self.encoder = Encoder(self.num_layers, self.num_heads, self.mlp_dim, self.dropout_rate,
                                self.attention_dropout_rate, self.drop_path_rate, self.qkv_bias, self.gelu_approximate,
                                self.layer_norm_eps, self.scan_layers, self.remat, dtype, pdtype,
-                               self.attention_impl)
+                               self.attention_impl, self.platform)
         self.embedding_dropout = nn.Dropout(self.dropout_rate)
         dense = lambda features, name, kernel_init: nn.Dense(  # noqa: E731
             features, name=name, dtype=dtype, param_dtype=pdtype,
@@ -275,6 +279,10 @@ def validate(m: VisionTransformer) -> None:
     choice('stem', STEMS)
     choice('tokens_type', TOKENS_TYPES)
     choice('attention_impl', ATTENTION_IMPLS)
+    if m.platform not in (PORTABLE, 'cpu', 'tpu', 'rocm') and not re.fullmatch(r'cuda:\d+\.\d+', m.platform):
+        raise ValueError(f'platform={m.platform!r} is not one of {PORTABLE!r}, \'cpu\', \'tpu\', \'rocm\' or '
+                         f'\'cuda:<compute capability>\' (e.g. \'cuda:9.0\'); vit_jax.hardware.platform_of(mesh) '
+                         f'gives the one of a mesh.')
     for field in ('dtype', 'param_dtype'):
         try:
             name = jnp.dtype(getattr(m, field)).name

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vit_jax.models.encoder import Encoder, dense_kernel_init
+from vit_jax.models.encoder import PORTABLE, Encoder, dense_kernel_init
 from vit_jax.objectives.distillation import to_pixels
 from vit_jax.objectives.supervised import Objective
 
@@ -205,6 +205,7 @@ class MAEDecoder(nn.Module):
     grid: int
     patch_dim: int
     num_prefix_tokens: int
+    platform: str = PORTABLE  # the encoder's: the decoder's attention runs where the encoder's does
 
     @nn.compact
     def __call__(self, x: jax.Array, ids_restore: jax.Array) -> jax.Array:
@@ -220,7 +221,8 @@ class MAEDecoder(nn.Module):
         tokens = tokens + jnp.asarray(mae_sincos2d(self.grid, self.width))[None]
         # The class token's fixed position is zeros (models_mae.py decoder_pos_embed[:, 0]).
         x = jnp.concatenate([prefix, tokens], axis=1)
-        x = Encoder(self.depth, self.heads, 4 * self.width, gelu_approximate=False, name='decoder')(x, True)
+        x = Encoder(self.depth, self.heads, 4 * self.width, gelu_approximate=False, platform=self.platform,
+                    name='decoder')(x, True)
         x = nn.Dense(self.patch_dim, name='decoder_pred', kernel_init=_partitioned(dense_kernel_init, ('mlp', None)),
                      bias_init=_partitioned(nn.initializers.zeros, (None,)))(x)
         return x[:, self.num_prefix_tokens:]
@@ -238,7 +240,7 @@ class MAE(Objective):
     def _decoder(self) -> MAEDecoder:
         p = self.model.patch_size
         return MAEDecoder(self.decoder_width, self.decoder_depth, self.decoder_heads, self.model.grid_size,
-                          p * p * 3, self.model.num_prefix_tokens)
+                          p * p * 3, self.model.num_prefix_tokens, self.model.platform)
 
     def init(self, rng, image_size):
         n = self.model.grid_size ** 2

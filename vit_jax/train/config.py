@@ -25,9 +25,10 @@ import ml_collections
 from vit_jax.data import default_augment_config
 from vit_jax.models import VisionTransformer
 
-# Every create_model override but image_size (shared with the data: config.image_size).
+# Every create_model override but image_size (shared with the data: config.image_size) and platform (the mesh's
+# devices decide it: vit_jax.hardware).
 MODEL_OVERRIDE_FIELDS = [f.name for f in dataclasses.fields(VisionTransformer)
-                         if f.init and f.name not in ('parent', 'name', 'num_classes', 'image_size')]
+                         if f.init and f.name not in ('parent', 'name', 'num_classes', 'image_size', 'platform')]
 
 
 def _override_type(hint) -> type:

@@ -27,7 +27,7 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from flax.core import meta
 
-from vit_jax import checkpoints, data, distributed, fewshot, models, sharding, workdir as workdir_lib
+from vit_jax import checkpoints, data, distributed, fewshot, hardware, models, sharding, workdir as workdir_lib
 from vit_jax.objectives import create_objective
 from vit_jax.train import checkpointing
 from vit_jax.train.optim import create_optimizer
@@ -40,8 +40,11 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or Inf; the last good checkpoint is intact."""
 
 
-def build(config: ml_collections.ConfigDict):
+def build(config: ml_collections.ConfigDict, devices=None):
     """Validates the config against the data and the devices and builds the model, mesh and step counts.
+
+    ``devices``: what the mesh is built over, by default this process's ``jax.devices()``; the devices of a
+    deviceless topology (``vit_jax.aot``) compile the same step for hardware that is not here.
 
     Everything that can be checked before compiling is checked here, with errors that name the field.
     """
@@ -49,9 +52,10 @@ def build(config: ml_collections.ConfigDict):
     overrides = {k: v for k, v in config.model.items() if v is not None}
     if 'image_size' in overrides:
         raise ValueError('Set config.image_size, not config.model.image_size: the data and the model share it.')
+    mesh = sharding.create_mesh(**config.mesh, devices=devices)
+    # The one place a hardware choice is made: the model is compiled for the mesh's devices (vit_jax.hardware).
     model = models.create_model(config.model_name, num_classes=info.num_classes, image_size=config.image_size,
-                                **overrides)
-    mesh = sharding.create_mesh(**config.mesh)
+                                platform=hardware.platform_of(mesh), **overrides)
     shards = sharding.num_batch_shards(mesh)
     for field in ('batch_size', 'eval_batch_size'):
         value = config[field]
