@@ -117,7 +117,7 @@ def test_sharded_products_equal_unsharded(mkl_everywhere, x_spec, w_spec):
 
 def _tiny_vit(**overrides):
     return models.create_model('vit_ti16', num_classes=10, image_size=32, patch_size=8, hidden_size=64,
-                               num_layers=1, num_heads=2, mlp_dim=128, **{"platform": "cpu", **overrides})
+                               num_layers=1, num_heads=2, mlp_dim=128, **{'platform': 'cpu', **overrides})
 
 
 # fp32 runs attention through the CPU kernel, token-major; bf16 and explicit attention maps head-major through XLA's
@@ -242,7 +242,8 @@ def test_auto_measures_while_a_step_is_traced(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_gemm, 'MIN_FLOPS', 0)
     choices.forget()
     x, w, dy = operands(2 * 96, 64, 80)
-    projection = lambda x, w: token_dot_general(x.reshape(2, 96, 64), w, (((2,), (0,)), ((), ()))).reshape(-1, 80)
+    projection = lambda x, w: token_dot_general(  # noqa: E731
+        x.reshape(2, 96, 64), w, (((2,), (0,)), ((), ())), cpu=True).reshape(-1, 80)
     got = jax.jit(lambda *a: loss_and_grads(projection, *a))(x, w, dy)
     saved = json.loads(next(tmp_path.glob('cpu_gemm-choices-*.json')).read_text())
     assert sorted(saved) == ['float32 192x64x80 NN', 'float32 192x80x64 NT', 'float32 64x192x80 TN']

@@ -36,6 +36,9 @@ flags.DEFINE_integer('num_processes', None, 'With --distributed: how many proces
                      'cluster\'s own).')
 flags.DEFINE_integer('process_id', None, 'With --distributed: this process\'s index, 0 to num_processes - 1 (else '
                      '$JAX_PROCESS_ID or the cluster\'s own).')
+flags.DEFINE_string('compiled', None, 'A file of `python -m vit_jax.aot --save` for this config and these devices: '
+                    'its compiled steps run instead of compiling them here (refused, naming the difference, if it was '
+                    'built for another config, topology or jax).')
 flags.DEFINE_bool('verbose', False, f'On an error, print the traceback too (or set {console.VERBOSE_ENV}=1).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -53,7 +56,7 @@ def _train(config, workdir: str) -> int:
         distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     from vit_jax.train.loop import train_and_evaluate
     logging.info('JAX devices: %s (process %d of %d)', jax.devices(), jax.process_index(), jax.process_count())
-    metrics = train_and_evaluate(config, workdir)
+    metrics = train_and_evaluate(config, workdir, compiled=FLAGS.compiled)
     if metrics:
         print('Final eval: ' + ', '.join(f'{k}={v:.4f}' for k, v in metrics.items()))
         print(f'TensorBoard: tensorboard --logdir {workdir}    checkpoints: {workdir}/checkpoints    '

@@ -41,6 +41,18 @@ def create_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) ->
     if int(np.prod(sizes)) != len(devices):
         raise ValueError(f'mesh {dict(zip(MESH_AXES, sizes))} uses {int(np.prod(sizes))} of {len(devices)} devices; '
                          'set one axis to -1 to use them all.')
+    slices = sorted({getattr(d, 'slice_index', 0) or 0 for d in devices})
+    if len(slices) > 1:
+        # Multi-slice TPU: only the data axis crosses slices, over the data-centre network (DCN); fsdp and tensor,
+        # which communicate every layer, stay within a slice's ICI (MaxText's dcn_data_parallelism).
+        from jax.experimental import mesh_utils
+        if sizes[0] % len(slices):
+            raise ValueError(f'mesh {dict(zip(MESH_AXES, sizes))} over {len(slices)} slices: the data axis crosses '
+                             f'the slices, so it must be a multiple of {len(slices)}; use mesh.data=-1, or more '
+                             f'data and less fsdp / tensor.')
+        grid = mesh_utils.create_hybrid_device_mesh((sizes[0] // len(slices), *sizes[1:]), (len(slices), 1, 1),
+                                                    devices)
+        return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 

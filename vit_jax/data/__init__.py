@@ -31,11 +31,11 @@ from typing import Any
 
 from vit_jax.data.config import default_augment_config
 
-__all__ = ['DatasetInfo', 'dataset_info', 'default_augment_config', 'eval_iterator', 'steps_per_epoch',
-           'train_iterator']
+__all__ = ['DatasetInfo', 'batch_shapes', 'dataset_info', 'default_augment_config', 'eval_iterator',
+           'steps_per_epoch', 'train_iterator']
 
 # TensorFlow (~5 s to import) loads only when data are read, so that configs and CLI errors come first.
-_LAZY = {'eval_iterator': 'pipeline', 'steps_per_epoch': 'pipeline', 'train_iterator': 'pipeline',
+_LAZY = {'batch_shapes': 'pipeline', 'eval_iterator': 'pipeline', 'steps_per_epoch': 'pipeline', 'train_iterator': 'pipeline',
          'DatasetInfo': 'sources', 'dataset_info': 'sources'}
 
 

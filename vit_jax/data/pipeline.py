@@ -66,6 +66,17 @@ def _steps_per_epoch(config: ml_collections.ConfigDict, num_train_examples: int)
     return num_train_examples // config.batch_size
 
 
+def batch_shapes(config: ml_collections.ConfigDict, num_classes: int) -> tuple[dict, dict]:
+    """{name: (shape, dtype)} of one global train batch and one global eval batch, as ``train_iterator`` and
+    ``eval_iterator`` yield them (summed over the hosts): what a step is compiled for without the data."""
+    s = config.image_size
+    train = {'images': ((config.batch_size, s, s, 3), np.float32),
+             'labels': ((config.batch_size, num_classes), np.float32)}
+    evaluation = {'images': ((config.eval_batch_size, s, s, 3), np.float32),
+                  'labels': ((config.eval_batch_size,), np.int32), 'mask': ((config.eval_batch_size,), np.float32)}
+    return train, evaluation
+
+
 def train_iterator(config: ml_collections.ConfigDict, *, seed: int, start_step: int = 0, process_index: int = 0,
                    process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
     """Infinite; this host's part of every global batch from ``start_step`` on (see the module docstring).

@@ -110,13 +110,18 @@ def model_fields(name: str) -> list[str]:
     return [f.name for f in dataclasses.fields(module) if f.init and f.name not in ('parent', 'name', 'num_classes')]
 
 
-def create_model(name: str, *, num_classes: int, **overrides) -> nn.Module:
+def create_model(name: str, *, num_classes: int, platform: str | None = None, **overrides) -> nn.Module:
     """Builds registered model ``name`` with ``num_classes`` outputs; ``overrides`` replace the family defaults.
 
+    ``platform``: what the model is compiled for ('cpu', 'tpu', 'cuda:9.0', ...: ``vit_jax.hardware``), for the
+    families that have a hardware choice to make (attention, the CPU kernels); the others (BiT ResNets) ignore it.
+    None keeps the family's default ('portable': XLA's own ops).
     Raises ValueError for an unknown name, an unknown field (listing the valid ones) or a configuration that cannot
     work (e.g. a patch size that does not divide the image size), before anything is compiled.
     """
     info = model_info(name)
+    if platform is not None and 'platform' in model_fields(name):
+        overrides = {**overrides, 'platform': platform}
     valid = model_fields(name)
     unknown = sorted(set(overrides) - set(valid))
     if unknown:

@@ -216,7 +216,7 @@ def create_distillation(config: ml_collections.ConfigDict, model: nn.Module, num
                          '(inception, imagenet).')
     try:
         teacher = models.create_model(spec.model_name, num_classes=num_classes, image_size=spec.image_size,
-                                      **{**spec.overrides, 'platform': model.platform})  # runs beside the student
+                                      platform=getattr(model, 'platform', None), **spec.overrides)  # beside the student
     except ValueError as e:
         raise ValueError(f'config.distillation.teacher: {e}') from e
     return Distillation(model=model, teacher=teacher, spec=spec, num_classes=num_classes,

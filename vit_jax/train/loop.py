@@ -12,6 +12,7 @@ Writes to ``workdir``: ``checkpoints/`` (orbax, the last ``keep_checkpoints``; a
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import json
 import math
@@ -40,7 +41,7 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or Inf; the last good checkpoint is intact."""
 
 
-def build(config: ml_collections.ConfigDict, devices=None):
+def build(config: ml_collections.ConfigDict, devices=None, info: data.DatasetInfo | None = None):
     """Validates the config against the data and the devices and builds the model, mesh and step counts.
 
     ``devices``: what the mesh is built over, by default this process's ``jax.devices()``; the devices of a
@@ -48,7 +49,7 @@ def build(config: ml_collections.ConfigDict, devices=None):
 
     Everything that can be checked before compiling is checked here, with errors that name the field.
     """
-    info = data.dataset_info(config)
+    info = data.dataset_info(config) if info is None else info
     overrides = {k: v for k, v in config.model.items() if v is not None}
     if 'image_size' in overrides:
         raise ValueError('Set config.image_size, not config.model.image_size: the data and the model share it.')
@@ -75,6 +76,73 @@ def build(config: ml_collections.ConfigDict, devices=None):
                          f'examples of {config.dataset}:{config.train_split}.')
     total_steps = int(config.total_steps) or int(math.ceil(config.num_epochs * per_epoch))
     return info, model, mesh, total_steps
+
+
+def dataset_info_for_compile(config: ml_collections.ConfigDict) -> data.DatasetInfo:
+    """The dataset's classes and split sizes where it is prepared here, else what a compile needs without it: the
+    class count from the dataset's TFDS definition and a nominal 1000 steps' worth of examples (split sizes only set
+    the schedule's length, which changes no shape)."""
+    try:
+        return data.dataset_info(config)
+    except Exception:  # noqa: BLE001 - not prepared here (imagenet2012 on a laptop): its definition is enough
+        import tensorflow_datasets as tfds
+        if config.dataset.startswith('folder:') or config.dataset == 'sklearn_digits':
+            raise
+        builder = tfds.builder(config.dataset, data_dir=config.data_dir)
+        return data.DatasetInfo(name=config.dataset, num_classes=builder.info.features['label'].num_classes,
+                                num_train_examples=1000 * int(config.batch_size),
+                                num_eval_examples=int(config.eval_batch_size))
+
+
+@dataclasses.dataclass
+class Steps:
+    """The jitted train and eval steps of a config on a mesh, with what built them (``build_steps``)."""
+    config: ml_collections.ConfigDict
+    info: data.DatasetInfo
+    model: Any
+    mesh: Any
+    objective: Any
+    tx: Any
+    schedule: Any
+    shardings: TrainState
+    train_step: Any
+    eval_step: Any
+    total_steps: int
+
+    @property
+    def use_ema(self) -> bool:
+        return self.config.optimizer.ema_decay > 0
+
+    @property
+    def batch_shards(self) -> int:
+        return sharding.num_batch_shards(self.mesh)
+
+    def abstract_state(self) -> TrainState:
+        """The train state (with the objective's frozen state) as shapes with shardings, to restore into or lower."""
+        return abstract_state(self.model, self.tx, self.mesh, self.config.image_size, self.use_ema, self.objective)
+
+    def batch_shapes(self) -> tuple[dict, dict]:
+        """One global train batch and one eval batch as shapes with the batch sharding."""
+        target = sharding.batch_sharding(self.mesh)
+        return tuple({k: jax.ShapeDtypeStruct(shape, dtype, sharding=target) for k, (shape, dtype) in batch.items()}
+                     for batch in data.batch_shapes(self.config, self.info.num_classes))
+
+
+def build_steps(config: ml_collections.ConfigDict, devices=None, info: data.DatasetInfo | None = None) -> Steps:
+    """Config -> model -> objective -> optimizer -> the sharded, jitted train and eval steps, on ``devices``
+    (default: this process's). ``vit_jax.main`` trains with them; ``vit_jax.aot`` compiles them for a topology that
+    is not here, so both run the very same step."""
+    info, model, mesh, total_steps = build(config, devices, info)
+    validate_config(config, total_steps)  # warmup against a length that num_epochs gave
+    objective = create_objective(config, model, info.num_classes)
+    opt = config.optimizer
+    accumulation = max(int(opt.accumulation_steps), 1)
+    tx, schedule = create_optimizer(opt, total_steps // accumulation)
+    shardings = state_shardings(model, tx, mesh, config.image_size, opt.ema_decay > 0, objective)
+    train_step = make_train_step(objective, tx, shardings, mesh, schedule, config.seed, opt.ema_decay, accumulation,
+                                 microbatches=int(opt.microbatches))
+    eval_step = make_eval_step(objective, mesh, shardings)
+    return Steps(config, info, model, mesh, objective, tx, schedule, shardings, train_step, eval_step, total_steps)
 
 
 def _device_batches(it: Iterator[dict], mesh, size: int = 2) -> Iterator[dict]:
@@ -154,38 +222,42 @@ def _summarise(pending: list[tuple[int, dict]], manager: ocp.CheckpointManager) 
     return means
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, compiled: str | None = None
+                       ) -> dict[str, float]:
     """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and returns the final eval metrics.
 
+    ``compiled``: a file of ``python -m vit_jax.aot --save`` for this config and these devices, whose train and eval
+    steps run instead of compiling them here (refused, naming the difference, when it was built for another).
     Raises ``checkpointing.Preempted`` after saving when SIGTERM arrives (``vit_jax.main`` exits 143).
     """
     validate_config(config)  # every value that cannot work, named with its range, before anything is built
     changes = checkpointing.check_resume_config(config, workdir)  # another model or data: refused, field by field
-    info, model, mesh, total_steps = build(config)
-    validate_config(config, total_steps)  # warmup against a length that num_epochs gave
-    checkpointing.check_total_steps(config, total_steps, workdir)
-    objective = create_objective(config, model, info.num_classes)
     if config.fewshot.enabled not in ('auto', 'on', 'off'):
         raise ValueError(f'config.fewshot.enabled={config.fewshot.enabled!r} is not one of (auto, on, off).')
+    steps = build_steps(config)
+    info, model, mesh, total_steps = steps.info, steps.model, steps.mesh, steps.total_steps
+    objective, tx, shardings = steps.objective, steps.tx, steps.shardings
+    train_step, eval_step = steps.train_step, steps.eval_step
+    if compiled:
+        from vit_jax.aot import saved
+        train_step, eval_step = saved.load(compiled, config, mesh.devices.flat)
+        logging.info('Running the steps compiled in %s.', compiled)
+    checkpointing.check_total_steps(config, total_steps, workdir)
     workdir_lib.path(workdir).mkdir(parents=True, exist_ok=True)  # a local folder or a bucket (gs://) alike
-    opt = config.optimizer
-    accumulation = max(int(opt.accumulation_steps), 1)
-    tx, schedule = create_optimizer(opt, total_steps // accumulation)
-    use_ema = opt.ema_decay > 0
+    use_ema = steps.use_ema
     frozen = objective.load_frozen()  # read from its source at every start: a workdir never holds it
 
     manager = ocp.CheckpointManager(
         workdir_lib.path(workdir) / 'checkpoints',
         options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
     latest = manager.latest_step()
-    shardings = state_shardings(model, tx, mesh, config.image_size, use_ema, objective)
     if latest is not None:  # restored into the abstract state: no random state is built first
-        abstract = abstract_state(model, tx, mesh, config.image_size, use_ema, objective).to_save()
+        abstract = steps.abstract_state().to_save()
         state, latest = checkpointing.restore_newest(manager, abstract)  # skips (moves aside) what does not restore
         state = state.replace(frozen=place_frozen(frozen, shardings))
         logging.info('Resumed from step %d of %s.', latest, manager.directory)
     else:
-        state, shardings = init_state(model, tx, mesh, config.image_size, config.seed, use_ema, objective, frozen)
+        state, _ = init_state(model, tx, mesh, config.image_size, config.seed, use_ema, objective, frozen)
         if config.init_from.path:
             state = _init_from_pretrained(state, shardings, model, config.init_from, config.image_size, config.seed)
     start_step = int(jax.device_get(state.step))
@@ -199,9 +271,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  config.dataset, info.num_classes, info.num_train_examples, total_steps, config.batch_size,
                  dict(mesh.shape))
 
-    train_step = make_train_step(objective, tx, shardings, mesh, schedule, config.seed, opt.ema_decay, accumulation,
-                                 microbatches=int(opt.microbatches))
-    eval_step = make_eval_step(objective, mesh, shardings)
     fewshot_on = config.fewshot.enabled == 'on' or (config.fewshot.enabled == 'auto' and objective.self_supervised)
     features = fewshot.representation_fn(model, mesh, shardings.params) if fewshot_on else None
     evaluate_all = functools.partial(evaluate, eval_step, objective, fewshot_features=features,

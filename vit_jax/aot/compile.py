@@ -1,0 +1,162 @@
+"""The train and eval steps of a config, compiled for a topology that is not here, and what the compiler planned.
+
+Runs in the compiler's process (``compilers.run``): ``jax.experimental.topologies`` gives the target's devices, the
+training system builds its mesh, model (whose ``platform`` is the target's: cuDNN attention on an H100, nothing of
+the CPU's), objective, optimizer and shardings over them exactly as ``vit_jax.main`` would (``train.loop.build_steps``),
+and the steps are lowered on abstract arrays and compiled. The report reads the compiled program: XLA's memory plan
+per device, its FLOP and byte counts, and its collectives (``hlo.collectives``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any
+
+import jax
+import ml_collections
+
+from vit_jax.aot import compilers, hlo, targets
+
+# The compiler's memory plan does not hold the runtime's own reservations (XLA's allocator, cuDNN workspaces,
+# NCCL / ICI buffers): a plan within this fraction of the chip's memory is reported as fitting.
+USABLE_MEMORY = 0.95
+
+
+def topology_devices(topology: targets.Topology) -> list:
+    """The devices of ``topology``, made without the hardware (``jax.experimental.topologies``)."""
+    from jax.experimental import topologies
+    if topology.platform == 'tpu':
+        extra = {'chip_config_name': 'megacore'} if len(topology.shape) == 3 else {}
+        desc = topologies.get_topology_desc(platform='tpu', topology_name=targets.tpu_topology_name(topology),
+                                            chips_per_host_bounds=targets.tpu_host_bounds(topology),
+                                            num_slices=topology.slices, **extra)
+    else:
+        chip = next(name for name, c in targets.CHIPS.items() if c is topology.chip)
+        config = targets.gpu_target_config(chip, compilers.package_version('nvidia-cudnn-cu12'),
+                                           compilers.package_version('nvidia-cuda-runtime-cu12'))
+        desc = topologies.get_topology_desc(platform='cuda', target_config=config,
+                                            topology=f'1x{topology.slices}x{topology.devices_per_slice}')
+    devices = list(desc.devices)
+    if len(devices) != topology.num_devices:
+        raise RuntimeError(f'{topology.describe()}: the compiler made {len(devices)} devices')
+    return devices
+
+
+@dataclasses.dataclass
+class StepReport:
+    """What the compiler planned for one step on each device."""
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    code_bytes: int
+    flops: float
+    bytes_accessed: float
+    collectives: dict[str, dict[str, float]]
+    compile_seconds: float
+
+    @property
+    def total_bytes(self) -> int:
+        """Live at the step's peak: arguments, temporaries, outputs not aliased to a donated argument, code."""
+        return self.argument_bytes + self.temp_bytes + self.output_bytes - self.alias_bytes + self.code_bytes
+
+
+def read_compiled(compiled, seconds: float) -> StepReport:
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
+    return StepReport(argument_bytes=int(memory.argument_size_in_bytes), output_bytes=int(memory.output_size_in_bytes),
+                      alias_bytes=int(memory.alias_size_in_bytes), temp_bytes=int(memory.temp_size_in_bytes),
+                      code_bytes=int(memory.generated_code_size_in_bytes), flops=float(cost.get('flops', 0.0)),
+                      bytes_accessed=float(cost.get('bytes accessed', 0.0)),
+                      collectives=hlo.collectives(compiled.as_text()), compile_seconds=seconds)
+
+
+@dataclasses.dataclass
+class Compiled:
+    """A config compiled for a topology: the executables and the report's numbers."""
+    config: ml_collections.ConfigDict
+    topology: targets.Topology
+    mesh_shape: dict[str, int]
+    platform: str
+    attention: str
+    train: StepReport
+    eval: StepReport
+    model_flops_per_image: float   # forward, analytic (vit_jax.models.flops)
+    device_kind: str = ''
+    train_executable: Any = None
+    eval_executable: Any = None
+
+    @property
+    def chip(self) -> targets.Chip:
+        return self.topology.chip
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(self.train.total_bytes, self.eval.total_bytes)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_bytes <= USABLE_MEMORY * self.chip.memory_bytes
+
+    def estimate(self) -> dict[str, float]:
+        """A roofline estimate of the train step: the compiled program's FLOPs and bytes per device against the
+        chip's peak bf16 FLOP/s and memory bandwidth. A lower bound on the step time (it assumes perfect overlap
+        and ignores communication); the images/s and MFU it implies are upper bounds."""
+        compute = self.train.flops / self.chip.bf16_flops
+        memory = self.train.bytes_accessed / self.chip.memory_bandwidth
+        seconds = max(compute, memory)
+        batch = int(self.config.batch_size)
+        model_flops = 3 * self.model_flops_per_image * batch  # forward + backward
+        if not math.isfinite(model_flops):  # no analytic count (T2T-ViT): the compiled program's own
+            model_flops = self.train.flops * self.topology.num_devices
+        return {'step_seconds': seconds, 'compute_seconds': compute, 'memory_seconds': memory,
+                'images_per_second': batch / seconds if seconds else 0.0,
+                'mfu': model_flops / (seconds * self.chip.bf16_flops * self.topology.num_devices) if seconds else 0.0,
+                'bound': 'compute' if compute >= memory else 'memory'}
+
+    def to_json(self) -> dict[str, Any]:
+        return {'topology': self.topology.name, 'chip': self.chip.name, 'devices': self.topology.num_devices,
+                'mesh': self.mesh_shape, 'platform': self.platform, 'attention': self.attention,
+                'model': self.config.model_name, 'batch_size': int(self.config.batch_size),
+                'train': {**dataclasses.asdict(self.train), 'total_bytes': self.train.total_bytes},
+                'eval': {**dataclasses.asdict(self.eval), 'total_bytes': self.eval.total_bytes},
+                'chip_memory_bytes': self.chip.memory_bytes, 'fits': self.fits,
+                'headroom_bytes': self.chip.memory_bytes - self.peak_bytes,
+                'model_flops_per_image': self.model_flops_per_image,
+                'compiled_flops_per_image': self.train.flops * self.topology.num_devices / int(self.config.batch_size),
+                'estimate': self.estimate(), 'jax': jax.__version__}
+
+
+def compile_config(config: ml_collections.ConfigDict, topology: targets.Topology, devices=None,
+                   keep_executables: bool = False) -> Compiled:
+    """Compiles the train step and the eval step ``vit_jax.main`` would run with ``config`` for ``topology``."""
+    from vit_jax import models
+    from vit_jax.models import encoder
+    from vit_jax.train import loop
+    devices = topology_devices(topology) if devices is None else devices
+    steps = loop.build_steps(config, devices=devices, info=loop.dataset_info_for_compile(config))
+    state = steps.abstract_state()
+    train_batch, eval_batch = steps.batch_shapes()
+    start = time.perf_counter()
+    train = steps.train_step.lower(state, train_batch).compile()
+    train_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    evaluate = steps.eval_step.lower(state.params, state.objective_params, state.frozen, eval_batch).compile()
+    eval_seconds = time.perf_counter() - start
+    model = steps.model
+    tokens = model.grid_size ** 2 + model.num_prefix_tokens
+    per_device = max(int(config.batch_size) // max(steps.batch_shards, 1), 1)
+    attention = encoder.resolve_attention(model.attention_impl, model.dtype, model.hidden_size // model.num_heads,
+                                          (per_device, tokens, model.num_heads), model.platform)
+    try:
+        flops = float(models.flops(model))
+    except ValueError:
+        flops = math.nan
+    return Compiled(config=config, topology=topology, mesh_shape=dict(steps.mesh.shape), platform=model.platform,
+                    attention=attention, train=read_compiled(train, train_seconds),
+                    eval=read_compiled(evaluate, eval_seconds), model_flops_per_image=flops,
+                    device_kind=devices[0].device_kind, train_executable=train if keep_executables else None,
+                    eval_executable=evaluate if keep_executables else None)

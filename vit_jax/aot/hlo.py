@@ -1,0 +1,92 @@
+"""What a compiled program's HLO says about communication: its collectives, by kind, counted per step.
+
+A collective inside a loop body (a scanned encoder's layers, micro-batches) runs once per iteration: each is
+counted as many times as the loops around it run (XLA's ``known_trip_count`` on the ``while``). Bytes are those of
+the data each device sends into the collective: the operand of an all-reduce, reduce-scatter, all-to-all or
+collective-permute, and the gathered result of an all-gather.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+
+KINDS = ('all-gather', 'reduce-scatter', 'all-reduce', 'all-to-all', 'collective-permute')
+_BYTES = {'pred': 1, 's4': 0.5, 'u4': 0.5, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2, 'bf16': 2, 's32': 4,
+          'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8, 'c64': 8, 'c128': 16}
+_SHAPE = re.compile(r'\b(pred|[suf]\d+|bf16|c64|c128|f8e\w+)\[([\d,]*)\]')
+_OP = re.compile(r'^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s(' + '|'.join(KINDS) + r')(-start)?\((.*)$')
+_COMPUTATION = re.compile(r'^(ENTRY\s+)?%?([\w.\-]+)\s*(\(.*\))?\s*->.*\{\s*$|^(ENTRY\s+)?%?([\w.\-]+)\s*\{\s*$')
+_WHILE = re.compile(r'\swhile\(.*?body=%?([\w.\-]+)')
+_TRIP = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"')
+_CALLS = re.compile(r'(?:calls|body|branch_computations|async_execution_thread)=\{?%?([\w.\-]+(?:,\s*%?[\w.\-]+)*)\}?')
+
+
+def _bytes(text: str) -> float:
+    total = 0.0
+    for dtype, dims in _SHAPE.findall(text):
+        size = 1
+        for d in filter(None, dims.split(',')):
+            size *= int(d)
+        total += size * _BYTES.get(dtype, 1)
+    return total
+
+
+def _operands(rest: str) -> str:
+    """The text of an instruction's operand list: ``rest`` starts just after its opening parenthesis."""
+    depth = 1
+    for i, ch in enumerate(rest):
+        depth += (ch == '(') - (ch == ')')
+        if depth == 0:
+            return rest[:i]
+    return rest
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
+    """{kind: {'count': per step, 'bytes': per device per step}} for every kind in ``KINDS`` (zeros included)."""
+    ops = collections.defaultdict(list)     # computation -> [(kind, bytes)]
+    edges = collections.defaultdict(list)   # computation -> [(callee, times)]
+    entry, current = None, None
+    for line in hlo_text.splitlines():
+        header = _COMPUTATION.match(line)
+        if header and '=' not in line.split('{')[0]:
+            current = header.group(2) or header.group(5)
+            if header.group(1) or header.group(4):
+                entry = current
+            continue
+        if current is None:
+            continue
+        op = _OP.match(line)
+        if op:
+            result, kind, start, rest = op.groups()
+            operands = _operands(rest)
+            if kind == 'all-gather':
+                size = _bytes(result) - (_bytes(operands) if start else 0)
+            else:
+                size = _bytes(operands)
+            ops[current].append((kind, size))
+        loop = _WHILE.search(line)
+        if loop:
+            trip = _TRIP.search(line)
+            edges[current].append((loop.group(1), int(trip.group(1)) if trip else 1))
+            continue
+        for match in _CALLS.finditer(line):
+            for callee in re.split(r',\s*', match.group(1)):
+                edges[current].append((callee.lstrip('%'), 1))
+    times = collections.Counter()
+
+    def visit(name: str, factor: int, depth: int = 0):
+        if depth > 64:
+            return
+        times[name] += factor
+        for callee, n in edges.get(name, ()):
+            visit(callee, factor * n, depth + 1)
+
+    if entry is not None:
+        visit(entry, 1)
+    out = {kind: {'count': 0, 'bytes': 0.0} for kind in KINDS}
+    for name, found in ops.items():
+        for kind, size in found:
+            out[kind]['count'] += times[name]
+            out[kind]['bytes'] += times[name] * size
+    return out
