@@ -26,6 +26,7 @@ def _parent(argv: list[str]) -> int:
     from vit_jax.aot import compilers, targets
     parser = argparse.ArgumentParser(prog='python -m vit_jax.aot', description=__doc__.split('\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument('--config', help='a config file in configs/ (NAME.py[:arg]), as vit_jax.main takes it')
     parser.add_argument('--topology', help='e.g. v5p-64, v5e-4, v4-8, v6e-16, h100x8, a100x1')
     parser.add_argument('--num-slices', type=int, default=1, help='TPU slices (multi-slice; the data axis '
                         'crosses them)')
@@ -51,10 +52,16 @@ def _parent(argv: list[str]) -> int:
             print(f'  {key:10} {chip.name:16} {chip.memory_bytes / 2 ** 30:6.1f} GiB  {chip.bf16_flops / 1e12:5.0f} '
                   f'TFLOP/s bf16  {chip.memory_bandwidth / 1e9:5.0f} GB/s')
         return 0
-    unknown = [a for a in rest if not a.startswith('--config')]
+    overrides, unknown = [], []
+    while rest:  # --config.field=value or --config.field value, as vit_jax.main takes them
+        token = rest.pop(0)
+        if token.startswith('--config.') and '=' not in token and rest:
+            overrides.append(f'{token}={rest.pop(0)}')
+        else:
+            (overrides if token.startswith('--config.') else unknown).append(token)
     if unknown:
         parser.error(f'unrecognised arguments: {" ".join(unknown)}')
-    if not args.topology or not any(a.startswith('--config=') or a == '--config' for a in rest):
+    if not args.topology or not args.config:
         parser.error('give --config and --topology (or --install, --list)')
     try:
         topology = targets.parse(args.topology, args.num_slices, args.num_hosts)
@@ -66,7 +73,7 @@ def _parent(argv: list[str]) -> int:
              f'--num_hosts={args.num_hosts}', f'--plan_budget={args.plan_budget}',
              *([f'--json={args.json}'] if args.json else []), *([f'--save={args.save}'] if args.save else []),
              *(['--plan'] if args.plan else []), *(['--noremedies'] if args.no_remedies else []),
-             *(['--verbose'] if args.verbose else []), *rest]
+             *(['--verbose'] if args.verbose else []), f'--config={args.config}', *overrides]
     return compilers.run(topology.platform, child, extra_env={CHILD: '1'}).returncode
 
 
@@ -87,9 +94,13 @@ def _child() -> None:
     FLAGS = flags.FLAGS
 
     def main(argv):
+        from absl import logging
         from vit_jax import console
         if len(argv) > 1:
             raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+        logging.set_verbosity(logging.WARNING)  # the report is the output; TFDS's and XLA's INFO lines are not
+        logging.get_absl_handler().addFilter(console.LibraryNoise())
+        console.import_tensorflow_quietly()
         try:
             return _compile_and_report(FLAGS)
         except ValueError as e:  # a config value, a mesh that does not fit the topology: one message

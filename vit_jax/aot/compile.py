@@ -101,21 +101,42 @@ class Compiled:
     def fits(self) -> bool:
         return self.peak_bytes <= USABLE_MEMORY * self.chip.memory_bytes
 
+    @property
+    def flops_source(self) -> str:
+        """'compiled': XLA's cost analysis of the program (TPU); 'model': the analytic count, 3 x the forward pass
+        (the GPU compiler reports no cost analysis); 'none' where neither exists."""
+        if self.train.flops > 0:
+            return 'compiled'
+        return 'model' if math.isfinite(self.model_flops_per_image) else 'none'
+
+    def model_flops_per_step(self) -> float:
+        """Forward + backward FLOPs of the global batch: the analytic count, or the compiled program's."""
+        batch = int(self.config.batch_size)
+        if math.isfinite(self.model_flops_per_image):
+            return 3 * self.model_flops_per_image * batch
+        return self.train.flops * self.topology.num_devices  # no analytic count (T2T-ViT): the compiled program's
+
     def estimate(self) -> dict[str, float]:
         """A roofline estimate of the train step: the compiled program's FLOPs and bytes per device against the
         chip's peak bf16 FLOP/s and memory bandwidth. A lower bound on the step time (it assumes perfect overlap
-        and ignores communication); the images/s and MFU it implies are upper bounds."""
-        compute = self.train.flops / self.chip.bf16_flops
-        memory = self.train.bytes_accessed / self.chip.memory_bandwidth
+        and ignores communication); the images/s and MFU it implies are upper bounds. Where the compiler gives no
+        cost analysis (GPU), the model's FLOPs alone bound it (compute only)."""
+        source = self.flops_source
+        flops = self.train.flops if source == 'compiled' else self.model_flops_per_step() / self.topology.num_devices
+        if source == 'none' or not flops:
+            return {'step_seconds': math.nan, 'compute_seconds': math.nan, 'memory_seconds': math.nan,
+                    'images_per_second': math.nan, 'mfu': math.nan, 'bound': 'unknown', 'flops_source': source}
+        compute = flops / self.chip.bf16_flops
+        memory = self.train.bytes_accessed / self.chip.memory_bandwidth if source == 'compiled' else 0.0
         seconds = max(compute, memory)
         batch = int(self.config.batch_size)
-        model_flops = 3 * self.model_flops_per_image * batch  # forward + backward
-        if not math.isfinite(model_flops):  # no analytic count (T2T-ViT): the compiled program's own
-            model_flops = self.train.flops * self.topology.num_devices
-        return {'step_seconds': seconds, 'compute_seconds': compute, 'memory_seconds': memory,
-                'images_per_second': batch / seconds if seconds else 0.0,
-                'mfu': model_flops / (seconds * self.chip.bf16_flops * self.topology.num_devices) if seconds else 0.0,
-                'bound': 'compute' if compute >= memory else 'memory'}
+        return {'step_seconds': seconds, 'compute_seconds': compute,
+                'memory_seconds': memory if source == 'compiled' else math.nan,
+                'images_per_second': batch / seconds,
+                # From the model's FLOPs alone the step runs at peak by construction: no MFU to speak of.
+                'mfu': (self.model_flops_per_step() / (seconds * self.chip.bf16_flops * self.topology.num_devices)
+                        if source == 'compiled' else math.nan),
+                'bound': 'compute' if compute >= memory else 'memory', 'flops_source': source}
 
     def to_json(self) -> dict[str, Any]:
         return {'topology': self.topology.name, 'chip': self.chip.name, 'devices': self.topology.num_devices,
@@ -126,7 +147,8 @@ class Compiled:
                 'chip_memory_bytes': self.chip.memory_bytes, 'fits': self.fits,
                 'headroom_bytes': self.chip.memory_bytes - self.peak_bytes,
                 'model_flops_per_image': self.model_flops_per_image,
-                'compiled_flops_per_image': self.train.flops * self.topology.num_devices / int(self.config.batch_size),
+                'compiled_flops_per_image': (self.train.flops * self.topology.num_devices / int(self.config.batch_size)
+                                             if self.train.flops else None),
                 'estimate': self.estimate(), 'jax': jax.__version__}
 
 

@@ -2,8 +2,8 @@
 
 A collective inside a loop body (a scanned encoder's layers, micro-batches) runs once per iteration: each is
 counted as many times as the loops around it run (XLA's ``known_trip_count`` on the ``while``). Bytes are those of
-the data each device sends into the collective: the operand of an all-reduce, reduce-scatter, all-to-all or
-collective-permute, and the gathered result of an all-gather.
+each collective's result on one device: the reduced array of an all-reduce, the gathered one of an all-gather, the
+device's shard of a reduce-scatter (the compiled HLO names operands without their shapes).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ _BYTES = {'pred': 1, 's4': 0.5, 'u4': 0.5, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2,
           'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8, 'c64': 8, 'c128': 16}
 _SHAPE = re.compile(r'\b(pred|[suf]\d+|bf16|c64|c128|f8e\w+)\[([\d,]*)\]')
 _OP = re.compile(r'^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s(' + '|'.join(KINDS) + r')(-start)?\((.*)$')
-_COMPUTATION = re.compile(r'^(ENTRY\s+)?%?([\w.\-]+)\s*(\(.*\))?\s*->.*\{\s*$|^(ENTRY\s+)?%?([\w.\-]+)\s*\{\s*$')
+_COMPUTATION = re.compile(r'^(ENTRY\s+)?%?([\w.\-]+)')
 _WHILE = re.compile(r'\swhile\(.*?body=%?([\w.\-]+)')
 _TRIP = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"')
 _CALLS = re.compile(r'(?:calls|body|branch_computations|async_execution_thread)=\{?%?([\w.\-]+(?:,\s*%?[\w.\-]+)*)\}?')
@@ -32,14 +32,23 @@ def _bytes(text: str) -> float:
     return total
 
 
-def _operands(rest: str) -> str:
-    """The text of an instruction's operand list: ``rest`` starts just after its opening parenthesis."""
-    depth = 1
-    for i, ch in enumerate(rest):
-        depth += (ch == '(') - (ch == ')')
-        if depth == 0:
-            return rest[:i]
-    return rest
+def _top_level(types: str) -> list[str]:
+    """The elements of a tuple type '(a, (b, c), d)' at its top level; [types] for an array type."""
+    types = types.strip()
+    if not types.startswith('('):
+        return [types]
+    parts, depth, start = [], 0, 1
+    for i, ch in enumerate(types):
+        if ch in '({[':
+            depth += 1
+        elif ch in ')}]':
+            depth -= 1
+            if depth == 0:
+                parts.append(types[start:i])
+        elif ch == ',' and depth == 1:
+            parts.append(types[start:i])
+            start = i + 1
+    return parts
 
 
 def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
@@ -48,23 +57,20 @@ def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
     edges = collections.defaultdict(list)   # computation -> [(callee, times)]
     entry, current = None, None
     for line in hlo_text.splitlines():
-        header = _COMPUTATION.match(line)
-        if header and '=' not in line.split('{')[0]:
-            current = header.group(2) or header.group(5)
-            if header.group(1) or header.group(4):
+        if line and not line[0].isspace() and line.rstrip().endswith('{'):  # a computation's header
+            header = _COMPUTATION.match(line)
+            current = header.group(2)
+            if header.group(1):
                 entry = current
             continue
         if current is None:
             continue
         op = _OP.match(line)
         if op:
-            result, kind, start, rest = op.groups()
-            operands = _operands(rest)
-            if kind == 'all-gather':
-                size = _bytes(result) - (_bytes(operands) if start else 0)
-            else:
-                size = _bytes(operands)
-            ops[current].append((kind, size))
+            result, kind, start, _ = op.groups()
+            if start and kind in ('all-gather', 'collective-permute'):
+                result = _top_level(result)[1]  # (operands, results, ...) of the asynchronous start
+            ops[current].append((kind, _bytes(result)))
         loop = _WHILE.search(line)
         if loop:
             trip = _TRIP.search(line)

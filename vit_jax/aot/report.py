@@ -19,7 +19,7 @@ GiB = 2 ** 30
 
 
 def _gib(n: float) -> str:
-    return f'{n / GiB:.2f} GiB'
+    return f'{n / GiB:.2f} GiB' if abs(n) >= GiB / 10 else f'{n / 2 ** 20:.1f} MiB'
 
 
 def _bytes(n: float) -> str:
@@ -48,16 +48,27 @@ def format_report(c: aot_compile.Compiled) -> str:
                  if c.fits else f'  DOES NOT FIT by {_gib(-headroom)} (within {aot_compile.USABLE_MEMORY:.0%} of '
                  f'the chip\'s memory)')
     batch = int(c.config.batch_size)
-    lines += [f'  FLOPs per step     {t.flops * c.topology.num_devices:.3e} ({t.flops:.3e} per device), '
-              f'{t.flops * c.topology.num_devices / batch:.3e} per image (model: '
-              f'{3 * c.model_flops_per_image:.3e} = 3 x forward)',
-              f'  estimate (roofline, a lower bound on time): {estimate["step_seconds"] * 1e3:.1f} ms per step, '
-              f'{estimate["bound"]}-bound against {chip.bf16_flops / 1e12:.0f} TFLOP/s bf16 and '
-              f'{chip.memory_bandwidth / 1e9:.0f} GB/s; at most {estimate["images_per_second"]:,.0f} images/s, '
-              f'MFU {estimate["mfu"]:.0%}',
-              '  collectives per step (per device): ' + (', '.join(
-                  f'{kind} {v["count"]} x, {_bytes(v["bytes"])}' for kind, v in t.collectives.items() if v['count'])
-                  or 'none'),
+    if c.flops_source == 'compiled':
+        lines.append(f'  FLOPs per step     {t.flops * c.topology.num_devices:.3e} ({t.flops:.3e} per device), '
+                     f'{t.flops * c.topology.num_devices / batch:.3e} per image (model: '
+                     f'{3 * c.model_flops_per_image:.3e} = 3 x forward)')
+    else:
+        lines.append(f'  FLOPs per step     {c.model_flops_per_step():.3e} (the model\'s: 3 x forward; this compiler '
+                     f'reports no cost analysis)' if c.flops_source == 'model' else
+                     '  FLOPs per step     unknown (no analytic count for this model, no cost analysis from this '
+                     'compiler)')
+    if estimate['bound'] == 'unknown':
+        lines.append('  estimate: none (no FLOP count)')
+    else:
+        against = (f'{chip.bf16_flops / 1e12:.0f} TFLOP/s bf16 and {chip.memory_bandwidth / 1e9:.0f} GB/s'
+                   if c.flops_source == 'compiled' else f'{chip.bf16_flops / 1e12:.0f} TFLOP/s bf16, compute only')
+        lines.append(f'  estimate (roofline, a lower bound on time): {estimate["step_seconds"] * 1e3:.1f} ms per step, '
+                     f'{estimate["bound"]}-bound against {against}; at most {estimate["images_per_second"]:,.0f} '
+                     + (f'images/s, MFU {estimate["mfu"]:.0%}' if c.flops_source == 'compiled' else
+                        'images/s (at the peak FLOP/s)'))
+    collectives = ', '.join(f'{kind} {v["count"]} x, {_bytes(v["bytes"])}' for kind, v in t.collectives.items()
+                            if v['count'])
+    lines += [f'  collectives per step (per device): {collectives or "none"}',
               f'  compiled here in {t.compile_seconds:.1f} s (train) + {c.eval.compile_seconds:.1f} s (eval)']
     return '\n'.join(lines)
 
