@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 from typing import Any
 
@@ -56,6 +57,8 @@ class StepReport:
     bytes_accessed: float
     collectives: dict[str, dict[str, float]]
     compile_seconds: float
+    loops: bool = False  # a loop in the program: XLA's FLOP and byte counts hold its body once
+    out_of_memory: str = ''  # the compiler's refusal (the TPU compiler will not build a program over its HBM)
 
     @property
     def total_bytes(self) -> int:
@@ -63,15 +66,41 @@ class StepReport:
         return self.argument_bytes + self.temp_bytes + self.output_bytes - self.alias_bytes + self.code_bytes
 
 
+_REQUIRED = re.compile(r'total memory required for HLO temporaries \(([\d.]+)([KMGT]?)\)')
+_UNITS = {'': 1, 'K': 2 ** 10, 'M': 2 ** 20, 'G': 2 ** 30, 'T': 2 ** 40}
+
+
+def _compile(lowered):
+    """(executable, seconds, None), or (None, seconds, the refusal) where the compiler ran out of the chip's memory."""
+    start = time.perf_counter()
+    try:
+        return lowered.compile(), time.perf_counter() - start, None
+    except Exception as e:  # noqa: BLE001 - JaxRuntimeError; anything but running out of memory is raised
+        if 'RESOURCE_EXHAUSTED' not in str(e):
+            raise
+        return None, time.perf_counter() - start, str(e)
+
+
+def out_of_memory_report(message: str, seconds: float) -> StepReport:
+    """What a refusal says of the step: the temporaries it needed (argument and output sizes are not in it)."""
+    required = _REQUIRED.search(message)
+    temp = int(float(required.group(1)) * _UNITS[required.group(2)]) if required else 0
+    return StepReport(0, 0, 0, temp, 0, 0.0, 0.0, hlo.collectives(''), seconds,
+                      out_of_memory=message.strip().splitlines()[0][:400])
+
+
 def read_compiled(compiled, seconds: float) -> StepReport:
+    if compiled is None:
+        return StepReport(0, 0, 0, 0, 0, 0.0, 0.0, hlo.collectives(''), 0.0)
     memory = compiled.memory_analysis()
+    text = compiled.as_text()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
     return StepReport(argument_bytes=int(memory.argument_size_in_bytes), output_bytes=int(memory.output_size_in_bytes),
                       alias_bytes=int(memory.alias_size_in_bytes), temp_bytes=int(memory.temp_size_in_bytes),
                       code_bytes=int(memory.generated_code_size_in_bytes), flops=float(cost.get('flops', 0.0)),
                       bytes_accessed=float(cost.get('bytes accessed', 0.0)),
-                      collectives=hlo.collectives(compiled.as_text()), compile_seconds=seconds)
+                      collectives=hlo.collectives(text), compile_seconds=seconds, loops=hlo.has_loops(text))
 
 
 @dataclasses.dataclass
@@ -99,13 +128,16 @@ class Compiled:
 
     @property
     def fits(self) -> bool:
+        if self.train.out_of_memory or self.eval.out_of_memory:
+            return False
         return self.peak_bytes <= USABLE_MEMORY * self.chip.memory_bytes
 
     @property
     def flops_source(self) -> str:
-        """'compiled': XLA's cost analysis of the program (TPU); 'model': the analytic count, 3 x the forward pass
-        (the GPU compiler reports no cost analysis); 'none' where neither exists."""
-        if self.train.flops > 0:
+        """'compiled': XLA's cost analysis of the program (TPU, without loops); 'model': the analytic count, 3 x the
+        forward pass (the GPU compiler reports no cost analysis, and XLA's counts a loop body once: scan_layers,
+        micro-batches); 'none' where neither exists."""
+        if self.train.flops > 0 and not self.train.loops:
             return 'compiled'
         return 'model' if math.isfinite(self.model_flops_per_image) else 'none'
 
@@ -148,13 +180,15 @@ class Compiled:
                 'headroom_bytes': self.chip.memory_bytes - self.peak_bytes,
                 'model_flops_per_image': self.model_flops_per_image,
                 'compiled_flops_per_image': (self.train.flops * self.topology.num_devices / int(self.config.batch_size)
-                                             if self.train.flops else None),
+                                             if self.train.flops and not self.train.loops else None),
+                'flops_source': self.flops_source,
                 'estimate': self.estimate(), 'jax': jax.__version__}
 
 
 def compile_config(config: ml_collections.ConfigDict, topology: targets.Topology, devices=None,
-                   keep_executables: bool = False) -> Compiled:
-    """Compiles the train step and the eval step ``vit_jax.main`` would run with ``config`` for ``topology``."""
+                   keep_executables: bool = False, eval_step: bool = True) -> Compiled:
+    """Compiles the train step and the eval step ``vit_jax.main`` would run with ``config`` for ``topology``
+    (``eval_step=False``: the train step alone, its eval report zeros)."""
     from vit_jax import models
     from vit_jax.models import encoder
     from vit_jax.train import loop
@@ -162,12 +196,10 @@ def compile_config(config: ml_collections.ConfigDict, topology: targets.Topology
     steps = loop.build_steps(config, devices=devices, info=loop.dataset_info_for_compile(config))
     state = steps.abstract_state()
     train_batch, eval_batch = steps.batch_shapes()
-    start = time.perf_counter()
-    train = steps.train_step.lower(state, train_batch).compile()
-    train_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    evaluate = steps.eval_step.lower(state.params, state.objective_params, state.frozen, eval_batch).compile()
-    eval_seconds = time.perf_counter() - start
+    train, train_seconds, train_refused = _compile(steps.train_step.lower(state, train_batch))
+    evaluate, eval_seconds, eval_refused = (
+        _compile(steps.eval_step.lower(state.params, state.objective_params, state.frozen, eval_batch))
+        if eval_step else (None, 0.0, None))
     model = steps.model
     tokens = model.grid_size ** 2 + model.num_prefix_tokens
     per_device = max(int(config.batch_size) // max(steps.batch_shards, 1), 1)
@@ -178,7 +210,10 @@ def compile_config(config: ml_collections.ConfigDict, topology: targets.Topology
     except ValueError:
         flops = math.nan
     return Compiled(config=config, topology=topology, mesh_shape=dict(steps.mesh.shape), platform=model.platform,
-                    attention=attention, train=read_compiled(train, train_seconds),
-                    eval=read_compiled(evaluate, eval_seconds), model_flops_per_image=flops,
+                    attention=attention,
+                    train=(out_of_memory_report(train_refused, train_seconds) if train_refused else
+                           read_compiled(train, train_seconds)),
+                    eval=(out_of_memory_report(eval_refused, eval_seconds) if eval_refused else
+                          read_compiled(evaluate, eval_seconds)), model_flops_per_image=flops,
                     device_kind=devices[0].device_kind, train_executable=train if keep_executables else None,
                     eval_executable=evaluate if keep_executables else None)

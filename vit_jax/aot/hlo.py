@@ -51,6 +51,17 @@ def _top_level(types: str) -> list[str]:
     return parts
 
 
+def has_loops(hlo_text: str) -> bool:
+    """Whether the program holds a loop of more than one iteration (a scanned encoder, micro-batches): XLA's cost
+    analysis counts a loop body once, so its FLOP and byte counts then undercount the step."""
+    for line in hlo_text.splitlines():
+        if _WHILE.search(line):
+            trip = _TRIP.search(line)
+            if trip is None or int(trip.group(1)) > 1:
+                return True
+    return False
+
+
 def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
     """{kind: {'count': per step, 'bytes': per device per step}} for every kind in ``KINDS`` (zeros included)."""
     ops = collections.defaultdict(list)     # computation -> [(kind, bytes)]

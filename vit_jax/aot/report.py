@@ -43,6 +43,9 @@ def format_report(c: aot_compile.Compiled) -> str:
              f'  generated code   {_gib(t.code_bytes):>12}  {_gib(c.eval.code_bytes):>11}',
              f'  total            {_gib(t.total_bytes):>12}  {_gib(c.eval.total_bytes):>11}'
              f'   of {_gib(chip.memory_bytes)} ({chip.name})']
+    for name, step in (('train', t), ('eval', c.eval)):
+        if step.out_of_memory:
+            lines.append(f'  the {name} step was refused by the compiler: {step.out_of_memory}')
     headroom = aot_compile.USABLE_MEMORY * chip.memory_bytes - c.peak_bytes
     lines.append(f'  FITS, {_gib(headroom)} of headroom (within {aot_compile.USABLE_MEMORY:.0%} of the chip\'s memory)'
                  if c.fits else f'  DOES NOT FIT by {_gib(-headroom)} (within {aot_compile.USABLE_MEMORY:.0%} of '
@@ -53,8 +56,10 @@ def format_report(c: aot_compile.Compiled) -> str:
                      f'{t.flops * c.topology.num_devices / batch:.3e} per image (model: '
                      f'{3 * c.model_flops_per_image:.3e} = 3 x forward)')
     else:
-        lines.append(f'  FLOPs per step     {c.model_flops_per_step():.3e} (the model\'s: 3 x forward; this compiler '
-                     f'reports no cost analysis)' if c.flops_source == 'model' else
+        why = ('XLA\'s cost analysis counts a loop body once' if t.loops else
+               'this compiler reports no cost analysis')
+        lines.append(f'  FLOPs per step     {c.model_flops_per_step():.3e} (the model\'s: 3 x forward; {why})'
+                     if c.flops_source == 'model' else
                      '  FLOPs per step     unknown (no analytic count for this model, no cost analysis from this '
                      'compiler)')
     if estimate['bound'] == 'unknown':

@@ -29,8 +29,10 @@ def _devices_of(devices) -> dict[str, Any]:
 def save(path: str, compiled) -> None:
     """Writes ``compiled`` (``compile.Compiled`` with its executables) to ``path``."""
     from jax.experimental import serialize_executable
-    if compiled.train_executable is None:
-        raise ValueError('the executables were not kept: compile with keep_executables=True')
+    if compiled.train.out_of_memory or compiled.eval.out_of_memory:
+        raise ValueError(f'{compiled.topology.name}: the compiler refused the steps (out of memory): nothing to save.')
+    if compiled.train_executable is None or compiled.eval_executable is None:
+        raise ValueError('the executables were not kept: compile with keep_executables=True and the eval step')
     payload = {'format': FORMAT, 'jax': jax.__version__, 'topology': compiled.topology.name,
                'devices': {'device_kind': compiled.device_kind, 'num_devices': compiled.topology.num_devices},
                'config': _config_json(compiled.config),

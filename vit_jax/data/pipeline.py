@@ -54,9 +54,12 @@ def _local_batch(global_batch: int, process_count: int, name: str) -> int:
     return global_batch // process_count
 
 
-def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
-    """Global steps per epoch: the train split's whole batches (the remainder of each epoch is dropped)."""
-    return _steps_per_epoch(config, sources.dataset_info(config).num_train_examples)
+def steps_per_epoch(config: ml_collections.ConfigDict, num_train_examples: int | None = None) -> int:
+    """Global steps per epoch: the train split's whole batches (the remainder of each epoch is dropped); the split's
+    size is read from the dataset unless given."""
+    if num_train_examples is None:
+        num_train_examples = sources.dataset_info(config).num_train_examples
+    return _steps_per_epoch(config, num_train_examples)
 
 
 def _steps_per_epoch(config: ml_collections.ConfigDict, num_train_examples: int) -> int:

@@ -26,6 +26,9 @@ PREPARE_HINTS = {
                     'its files are in {where}/imagenet21k/<version>/, or use dataset="folder:/path" with '
                     '/path/<split>/<class>/<image>'),
 }
+# Class counts of datasets without a TFDS definition, for compiling without their data (vit_jax.aot): big_vision's
+# ImageNet-21k (fall11 release) has 21,843 classes.
+CLASS_COUNTS = {'imagenet21k': 21843}
 _MAX_LISTED = 20  # bad files named in an error or warning
 _CHECKED: dict[str, list[tuple[str, str]]] = {}  # folder root -> its bad files, found once per process
 log = logging.getLogger(__name__)  # not absl's logger: entry points quiet that one for TFDS's chatter

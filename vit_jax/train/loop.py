@@ -70,7 +70,7 @@ def build(config: ml_collections.ConfigDict, devices=None, info: data.DatasetInf
                          f'config.optimizer.microbatches={microbatches} slices over the {shards} batch shards of the '
                          f'mesh: use a batch size that is a multiple of {max(microbatches, 1) * shards}, or fewer '
                          f'micro-batches.')
-    per_epoch = data.steps_per_epoch(config)
+    per_epoch = data.steps_per_epoch(config, info.num_train_examples)
     if per_epoch < 1:
         raise ValueError(f'config.batch_size={config.batch_size} is larger than the {info.num_train_examples} '
                          f'examples of {config.dataset}:{config.train_split}.')
@@ -86,10 +86,13 @@ def dataset_info_for_compile(config: ml_collections.ConfigDict) -> data.DatasetI
         return data.dataset_info(config)
     except Exception:  # noqa: BLE001 - not prepared here (imagenet2012 on a laptop): its definition is enough
         import tensorflow_datasets as tfds
+        from vit_jax.data import sources
         if config.dataset.startswith('folder:') or config.dataset == 'sklearn_digits':
             raise
-        builder = tfds.builder(config.dataset, data_dir=config.data_dir)
-        return data.DatasetInfo(name=config.dataset, num_classes=builder.info.features['label'].num_classes,
+        classes = sources.CLASS_COUNTS.get(config.dataset)
+        if classes is None:
+            classes = tfds.builder(config.dataset, data_dir=config.data_dir).info.features['label'].num_classes
+        return data.DatasetInfo(name=config.dataset, num_classes=classes,
                                 num_train_examples=1000 * int(config.batch_size),
                                 num_eval_examples=int(config.eval_batch_size))
 
