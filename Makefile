@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-multihost install clean
+.PHONY: demo test test-slow test-multihost install aot-compilers clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,15 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+# The TPU and GPU compilers (libtpu, 0.7 GB; jax-cuda12-plugin with CUDA and cuDNN, 4.9 GB) for `python -m
+# vit_jax.aot` and its tests, each in its own prefix beside the environment, never on an ordinary command's path
+# (vit_jax/aot/compilers.py); installed once, about a minute here.
+COMPILERS := $(VENV)/vit_jax_compilers
+$(COMPILERS)/%/.vit_jax_installed: $(STAMP)
+	$(PY) -m vit_jax.aot --install $*
+
+aot-compilers: $(COMPILERS)/tpu/.vit_jax_installed $(COMPILERS)/gpu/.vit_jax_installed
+
 # Trains a small ViT on the bundled digits (rerunning resumes; a finished run just reports its eval), then exports
 # it to TorchScript fp32, int8 qnnpack and a lite-interpreter file, with the report table. A run stopped by SIGTERM
 # saves and exits with status 143, so make stops before exporting a half-trained model: rerun to resume.
@@ -29,7 +38,7 @@ demo: $(STAMP)
 # A worker that dies (a kernel's SIGILL, a segfault) fails its test by name and is not restarted: the run ends, failed.
 PYTEST_PARALLEL := -n 2 --dist loadfile --max-worker-restart 0
 
-test: $(STAMP)
+test: $(STAMP) aot-compilers
 	$(PY) -m pytest $(PYTEST_PARALLEL) -q
 
 test-slow: $(STAMP)

@@ -32,6 +32,10 @@ ENVIRONMENT = {
             'TPU_WORKER_ID': '0', 'TPU_STDERR_LOG_LEVEL': '3', 'TPU_MIN_LOG_LEVEL': '3'},
     'gpu': {'JAX_SKIP_CUDA_CONSTRAINTS_CHECK': '1'},
 }
+# XLA flags of a deviceless compile. GPU: with no device to autotune on, XLA's Triton GEMM fusions found no tile sizes
+# for some small dots (f32[272,64], bf16[64,64] in jax 0.10.2: "Couldn't find output tile sizes"), so matmuls go to
+# cuBLAS; the memory plan and the attention calls are what they would be.
+XLA_FLAGS = {'tpu': (), 'gpu': ('--xla_gpu_enable_triton_gemm=false',)}
 COMMON_ENVIRONMENT = {'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '3'}
 
 # Lines the plugins print about the hardware that is not there; dropped from the child's stderr.
@@ -115,6 +119,7 @@ def environment(kind: str, base: dict[str, str] | None = None) -> dict[str, str]
     env['PYTHONPATH'] = os.pathsep.join(p for p in (str(prefix(kind)), env.get('PYTHONPATH')) if p)
     env.update(COMMON_ENVIRONMENT)
     env.update(ENVIRONMENT[kind])
+    env['XLA_FLAGS'] = ' '.join((env.get('XLA_FLAGS', ''), *XLA_FLAGS[kind])).strip()
     return env
 
 

@@ -1,0 +1,85 @@
+"""The TPU compiler on this CPU (deviceless AOT, libtpu in its own prefix): memory, FLOPs and collectives of compiled
+steps for v5e slices, fsdp, multi-slice, remedies for a model that does not fit, and saved executables."""
+
+import pytest
+
+from aot_cases import REPO, SMALL, ok, run_cases
+from vit_jax.aot import saved, targets
+
+
+@pytest.fixture(scope='module')
+def tpu(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('tpu')
+    b16 = {**SMALL, 'batch_size': 64, 'eval_batch_size': 64, 'model.dtype': 'bfloat16'}
+    cases = [
+        {'name': 'quickstart', 'config': 'configs/quickstart.py', 'topology': 'v5e-4', 'save': str(tmp / 'q.aot')},
+        # Unrolled: XLA's cost analysis counts a scanned body once (the report then takes the model's FLOPs).
+        {'name': 'vit_ti16', 'config': 'configs/vit_ti16.py', 'topology': 'v5e-4',
+         'overrides': {**b16, 'model.scan_layers': False}, 'eval': False},
+        {'name': 'vit_b16 fsdp=1', 'config': 'configs/vit_b16.py', 'topology': 'v5e-4', 'eval': False,
+         'overrides': {**b16, 'mesh.data': 4, 'mesh.fsdp': 1}},
+        {'name': 'vit_b16 fsdp=4', 'config': 'configs/vit_b16.py', 'topology': 'v5e-4', 'eval': False,
+         'overrides': {**b16, 'mesh.data': 1, 'mesh.fsdp': 4}},
+        {'name': 'two slices', 'config': 'configs/quickstart.py', 'topology': 'v5e-4', 'num_slices': 2,
+         'eval': False},
+        {'name': 'vit_l16 too big', 'config': 'configs/vit_b16.py', 'topology': 'v5e-1', 'eval': False,
+         'remedies': True, 'overrides': {**SMALL, 'model.dtype': 'bfloat16', 'batch_size': 256,
+                                         'model.hidden_size': 1024, 'model.num_heads': 16, 'model.mlp_dim': 4096,
+                                         'model.num_layers': 24}},
+    ]
+    return run_cases('tpu', cases, tmp), tmp
+
+
+@pytest.mark.parametrize('name', ['quickstart', 'vit_ti16'])
+def test_compiles_for_tpu_v5e_with_memory_and_flops(tpu, name):
+    """The steps compile for 4 TPU v5e chips (data parallel); memory and FLOPs are positive and the compiled FLOPs per
+    image are 3x the analytic forward count within 10%."""
+    result = ok(tpu[0], name)
+    assert result['platform'] == 'tpu' and result['attention'] == 'xla' and result['devices'] == 4
+    for step in ('train', 'eval') if name == 'quickstart' else ('train',):
+        assert result[step]['argument_bytes'] > 0 and result[step]['temp_bytes'] > 0 and result[step]['flops'] > 0
+    assert result['fits'] and result['headroom_bytes'] > 0
+    ratio = result['compiled_flops_per_image'] / (3 * result['model_flops_per_image'])
+    assert 0.9 < ratio < 1.1, ratio
+    assert result['train']['collectives']['all-reduce']['count'] >= 1  # the gradients, over the data axis
+    estimate = result['estimate']
+    assert estimate['step_seconds'] > 0 and 0 < estimate['mfu'] <= 1 and estimate['flops_source'] == 'compiled'
+
+
+def test_fsdp_shards_the_arguments(tpu):
+    """fsdp=4 on 4 chips holds a quarter of the parameters and optimizer state per chip: <= 0.3x of fsdp=1."""
+    replicated, sharded = ok(tpu[0], 'vit_b16 fsdp=1'), ok(tpu[0], 'vit_b16 fsdp=4')
+    assert sharded['train']['argument_bytes'] <= 0.3 * replicated['train']['argument_bytes']
+    assert sharded['train']['collectives']['all-gather']['count'] > 0  # the sharded parameters, gathered
+    # Scanned: XLA's count holds one layer, so the estimate takes the model's FLOPs.
+    assert sharded['flops_source'] == 'model' and sharded['compiled_flops_per_image'] is None
+
+
+def test_multi_slice_crosses_slices_on_the_data_axis(tpu):
+    result = ok(tpu[0], 'two slices')
+    assert result['devices'] == 8 and result['mesh']['data'] == 8
+
+
+def test_a_model_that_does_not_fit_gets_a_remedy_that_was_compiled_and_fits(tpu):
+    """ViT-L/16 at batch 256 on one v5e chip (16 GiB) does not fit; the remedies are tried in order, and the one
+    printed fits according to its own compile."""
+    result = ok(tpu[0], 'vit_l16 too big')
+    assert not result['fits']
+    remedies = result['remedies']
+    assert remedies and remedies[-1]['fits'] and all(not r['fits'] for r in remedies[:-1])
+    assert remedies[0]['overrides'] == {'model.remat': True}  # one chip: no fsdp to add; remat comes first
+    assert remedies[-1]['peak_bytes'] < targets.CHIPS['v5e'].memory_bytes
+
+
+def test_a_saved_executable_refuses_another_config_and_other_devices(tpu):
+    from vit_jax.train.config import load_config
+    path = tpu[1] / 'q.aot'
+    config = load_config(str(REPO / 'configs' / 'quickstart.py'))
+    changed = load_config(str(REPO / 'configs' / 'quickstart.py'))
+    changed.batch_size = 256
+    with pytest.raises(ValueError, match=r'built for another config: config.batch_size=256 here, 128 in the file'):
+        saved.load(str(path), changed)
+    with pytest.raises(ValueError, match=r'built for v5e-4 \(4 x TPU v5 lite\); this host has 8 x cpu'):
+        saved.load(str(path), config)
+
+
