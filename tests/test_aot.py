@@ -83,3 +83,38 @@ ENTRY %main (a: f32[8]) -> f32[8] {
     assert got['all-reduce'] == {'count': 1, 'bytes': 16 * 4 + 4 * 2}
     assert got['collective-permute'] == {'count': 1, 'bytes': 12}
     assert got['all-to-all'] == {'count': 0, 'bytes': 0.0}
+
+
+def test_main_runs_a_saved_executable_and_refuses_another_config(tmp_path):
+    """Compiled ahead of time (here for this CPU, the one target a test can run) and saved, the steps run in
+    ``vit_jax.main --compiled`` with the same losses as a run that compiles them itself; another config is refused
+    before anything runs, naming the field."""
+    import jax
+    from vit_jax.aot import compile as aot_compile, report, saved
+    from vit_jax.train.config import load_config
+    overrides = {'model.hidden_size': 32, 'model.num_layers': 1, 'model.num_heads': 2, 'model.mlp_dim': 64,
+                 'total_steps': 6, 'optimizer.warmup_steps': 1, 'log_every': 2, 'eval_every': 6,
+                 'checkpoint_every': 6}
+    config = report.with_overrides(load_config(str(REPO / 'configs' / 'quickstart.py')), overrides)
+    devices = jax.devices()[:1]  # what the subprocess sees
+    chip = targets.Chip('this CPU', 'cpu', 24 * 2 ** 30, 1e12, 1e11)
+    compiled = aot_compile.compile_config(config, targets.Topology('cpu-1', chip, 1), devices, keep_executables=True)
+    path = tmp_path / 'steps.aot'
+    saved.save(str(path), compiled)
+
+    def main(workdir, *extra):
+        return subprocess.run([sys.executable, '-m', 'vit_jax.main', '--config', 'configs/quickstart.py',
+                               '--workdir', str(tmp_path / workdir), *(f'--config.{k}={v}' for k, v in
+                                                                      overrides.items()), *extra],
+                              capture_output=True, text=True, cwd=REPO, timeout=600)
+
+    with_file, without = main('aot', f'--compiled={path}'), main('jit')
+    assert with_file.returncode == 0, with_file.stderr[-2000:]
+    assert without.returncode == 0, without.stderr[-2000:]
+    metrics = [[json.loads(line) for line in (tmp_path / w / 'metrics.jsonl').read_text().splitlines()]
+               for w in ('aot', 'jit')]
+    assert [m['step'] for m in metrics[0]] == [2, 4, 6] and 'eval_top1' in metrics[0][-1]
+    assert metrics[0] == metrics[1]  # the same program: every logged loss and the eval bit for bit
+    refused = main('other', f'--compiled={path}', '--config.batch_size=64')
+    assert refused.returncode == 1
+    assert 'built for another config: config.batch_size=64 here, 128 in the file' in refused.stderr

@@ -73,10 +73,14 @@ def load(path: str, config, devices=None) -> tuple[Any, Any]:
     if difference:
         raise ValueError(f'--compiled={path} was built for another config: {difference}. Compile it again for this '
                          f'config, or run without --compiled.')
-    here = _devices_of(jax.devices() if devices is None else devices)
+    devices = jax.devices() if devices is None else list(devices)
+    here = _devices_of(devices)
     if here != payload['devices']:
         raise ValueError(f'--compiled={path} was built for {payload["topology"]} ({payload["devices"]["num_devices"]} '
                          f'x {payload["devices"]["device_kind"]}); this host has {here["num_devices"]} x '
                          f'{here["device_kind"]}.')
-    steps = tuple(serialize_executable.deserialize_and_load(*payload[name]) for name in ('train', 'eval'))
-    return steps
+    if devices[0].platform == 'cpu':
+        # A CPU program may call the kernels' FFI targets, which exist once their libraries are loaded.
+        from vit_jax.kernels import cpu_attention, cpu_gemm
+        cpu_attention._registered(), cpu_attention._blas_registered(), cpu_gemm._registered()
+    return tuple(serialize_executable.deserialize_and_load(*payload[name]) for name in ('train', 'eval'))
