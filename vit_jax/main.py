@@ -1,6 +1,7 @@
 """Trains (or resumes) any registered model with any recipe on whatever devices JAX sees.
 
     python -m vit_jax.main --config configs/vit_b16.py --workdir DIR [--config.field=value ...]
+    python -m vit_jax.main --version
 
 Configs are locked: a misspelt ``--config.field`` fails instead of being ignored. On a multi-host TPU pod or GPU
 cluster, run the same command on every host with ``--distributed`` (off Cloud TPU / SLURM / Open MPI / Kubernetes,
@@ -66,6 +67,10 @@ def _train(config, workdir: str) -> int:
 
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl's parsing, with a bad flag (a misspelt or mistyped --config field) reported in one line."""
+    if '--version' in argv[1:]:
+        import importlib.metadata
+        print(f'vit_jax {importlib.metadata.version("vit_jax")}')
+        sys.exit(0)
     try:
         return FLAGS(argv)
     except Exception as e:  # absl's flags.Error, and ml_collections' AttributeError / TypeError for config fields

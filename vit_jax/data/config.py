@@ -25,14 +25,14 @@ def default_augment_config() -> ml_collections.ConfigDict:
         crop_scale=(0.08, 1.0),
         crop_ratio=(3 / 4, 4 / 3),  # aspect ratios of the inception crop (big_vision: (0.75, 1.33))
         flip=True,
-        randaugment_num_layers=2,
-        randaugment_magnitude=0,
-        randaugment_magnitude_std=0.5,
+        randaugment_num_layers=2,  # RandAugment's ops per image
+        randaugment_magnitude=0,   # RandAugment's magnitude (timm's m; 0: RandAugment off)
+        randaugment_magnitude_std=0.5,  # timm's mstd: the magnitude's per-image noise
         random_erasing=0.0,
-        mixup_alpha=0.0,
-        cutmix_alpha=0.0,
-        mixup_switch_prob=0.5,
-        mixup_prob=1.0,
+        mixup_alpha=0.0,           # timm's batch Mixup: Beta(alpha, alpha), 0 = off
+        cutmix_alpha=0.0,          # timm's CutMix: Beta(alpha, alpha), 0 = off
+        mixup_switch_prob=0.5,     # with both on: the chance of CutMix for a batch
+        mixup_prob=1.0,            # the chance that a batch is mixed at all
         label_smoothing=0.0,
         crop_pct=0.875,
         normalization='inception',

@@ -77,18 +77,18 @@ class VisionTransformer(nn.Module):
 
     num_classes: int
     image_size: int = 224
-    patch_size: int = 16
-    hidden_size: int = 768
-    num_layers: int = 12
-    num_heads: int = 12
-    mlp_dim: int = 3072
-    classifier: str = 'token'
-    representation_size: int | None = None
-    dropout_rate: float = 0.0
-    attention_dropout_rate: float = 0.0
-    drop_path_rate: float = 0.0
-    dtype: Any = 'float32'
-    param_dtype: Any = 'float32'
+    patch_size: int = 16  # pixels per side of a patch (ViT eq. 1)
+    hidden_size: int = 768  # D, the width of every token
+    num_layers: int = 12  # Transformer blocks
+    num_heads: int = 12  # attention heads (hidden_size must divide by it)
+    mlp_dim: int = 3072  # the MLP's hidden width
+    classifier: str = 'token'  # 'token' (class token) | 'gap' (mean of the tokens) | 'unpooled' | 'token_unpooled'
+    representation_size: int | None = None  # a tanh pre-logits layer of this width (ViT pre-training), None = none
+    dropout_rate: float = 0.0  # after the embeddings, the MLP's layers and each residual branch
+    attention_dropout_rate: float = 0.0  # on the attention probabilities
+    drop_path_rate: float = 0.0  # stochastic depth of the last block (linear in depth from 0, as DeiT / timm)
+    dtype: Any = 'float32'  # what activations are computed in: 'float32' | 'bfloat16' | 'float16'
+    param_dtype: Any = 'float32'  # what parameters are stored in
     # The originals' quirks.
     gelu_approximate: bool = True  # Flax nn.gelu default (tanh) in the JAX originals; exact erf in DeiT and T2T
     layer_norm_eps: float = 1e-6  # 1e-5 (torch default) in T2T-ViT
@@ -97,13 +97,13 @@ class VisionTransformer(nn.Module):
     distilled: bool = False  # DeiT's distillation token and head
     # What turns images into tokens.
     stem: str = 'patch'
-    resnet_layers: tuple[int, ...] = ()
+    resnet_layers: tuple[int, ...] = ()  # the hybrid's ResNet stem: blocks per stage, e.g. (3, 4, 9)
     resnet_width: float = 1.0  # width factor: root width 64 * resnet_width
-    token_dim: int = 64
-    tokens_type: str = 'performer'
+    token_dim: int = 64  # T2T-ViT: the width of the tokens-to-token layers
+    tokens_type: str = 'performer'  # T2T-ViT's tokens-to-token layer: 'performer' | 'transformer'
     # Compilation.
-    scan_layers: bool = False
-    remat: bool = False
+    scan_layers: bool = False  # one block compiled and looped over stacked parameters (compile time)
+    remat: bool = False  # recompute each block's activations in the backward pass (memory)
     # 'auto' | 'xla' | 'cudnn' | 'cpu_kernel' (encoder.resolve_attention); not a parameter: legal to change mid-run.
     attention_impl: str = 'auto'
     # What the model is compiled for: 'cpu', 'tpu', 'cuda:9.0', ... or 'portable' (encoder.PORTABLE). Set from the

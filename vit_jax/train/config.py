@@ -49,7 +49,7 @@ def model_overrides_config() -> ml_collections.ConfigDict:
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.model_name = 'vit_b16'
+    c.model_name = 'vit_b16'  # a registered model (python -m vit_jax.models)
     # Overrides for create_model; None = the registry's value for this model. Listed so that a locked config accepts
     # --config.model.drop_path_rate=0.1 and rejects a misspelt field.
     c.model = model_overrides_config()
@@ -59,9 +59,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train_split = 'train'
     c.eval_split = 'validation'
     c.image_size = 224
-    c.batch_size = 512
-    c.eval_batch_size = 512
-    c.shuffle_buffer = 50_000
+    c.batch_size = 512  # global: all hosts and devices together
+    c.eval_batch_size = 512  # global; the last batch is padded and masked
+    c.shuffle_buffer = 50_000  # records per host
     # Folder datasets: a file that does not decode fails the run at dataset preparation, naming it; True skips such
     # files instead (counted and listed in the log).
     c.skip_bad_images = False
@@ -72,7 +72,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.distillation = ml_collections.ConfigDict(dict(
         # The teacher: a vit_jax workdir (its model, resolution and normalisation are read from its config.json), or
         # a checkpoint in any format load_params reads with model_name (and model overrides) set.
-        teacher=ml_collections.ConfigDict(dict(model_name='', path='', format='auto',
+        teacher=ml_collections.ConfigDict(dict(model_name='',    # its registered model (not for a workdir)
+                                               path='',          # a vit_jax workdir or a checkpoint file
+                                               format='auto',    # the checkpoint's format (load_params)
                                                image_size=0,        # 0: the workdir's, else the student's
                                                normalization='')),  # '': the workdir's, else the student's
         type='hard',                 # 'none' | 'soft' | 'hard' (DeiT's best; deit/main.py defaults to 'none')
@@ -85,29 +87,38 @@ def base_config() -> ml_collections.ConfigDict:
     # Masked patch prediction (ViT appendix B.1.2): 50% of patches corrupted, 80% [mask] / 10% random / 10% kept.
     c.mpp = ml_collections.ConfigDict(dict(
         target='mean_colour',        # 'mean_colour' (512 classes) | 'downsampled' (4x4 x 512) | 'pixels' (L2)
-        corruption_rate=0.5, mask_prob=0.8, random_prob=0.1,
+        corruption_rate=0.5,         # fraction of patches corrupted
+        mask_prob=0.8,               # of those: replaced by the [mask] embedding
+        random_prob=0.1,             # of those: replaced by another patch (the rest kept)
         bits=3,                      # per channel: class = r * 64 + g * 8 + b of bins min(floor(v * 8), 7)
     ))
     # MAE (facebookresearch/mae main_pretrain.py / models_mae.py defaults for ViT-B).
     c.mae = ml_collections.ConfigDict(dict(
         mask_ratio=0.75,             # --mask_ratio
-        decoder_width=512, decoder_depth=8, decoder_heads=16,  # mae_vit_base_patch16_dec512d8b
+        decoder_width=512,           # mae_vit_base_patch16_dec512d8b
+        decoder_depth=8,             # decoder blocks
+        decoder_heads=16,            # decoder attention heads
         norm_pix_loss=True,          # --norm_pix_loss (the README's pretraining command sets it)
     ))
     # Linear few-shot eval on frozen pre-logits (big_vision evaluators/fewshot_lsr.py): every eval_every steps for
     # self-supervised objectives ('auto'), or 'on' / 'off'.
     c.fewshot = ml_collections.ConfigDict(dict(
-        enabled='auto',
-        shots=(1, 5, 10, 25),
-        l2_reg=2.0 ** 10,
-        seeds=3,
+        enabled='auto',              # 'auto' (self-supervised objectives) | 'on' | 'off'
+        shots=(1, 5, 10, 25),        # examples per class
+        l2_reg=2.0 ** 10,            # the ridge regression's L2 weight (big_vision's 2^10)
+        seeds=3,                     # draws of the few examples, averaged
         train_split='',              # '': config.train_split (the examples drawn per class); tested on eval_split
     ))
 
     # Fine-tuning: start from pretrained weights (any format vit_jax.checkpoints reads, or a vit_jax workdir).
     # A new zero-initialised head when the class count differs, position embeddings resized ('bilinear' as
     # vision_transformer, 'bicubic' as DeiT / T2T), parameters matching the regex ``skip`` left at init.
-    c.init_from = ml_collections.ConfigDict(dict(path='', format='auto', posemb_resize='bilinear', skip=''))
+    c.init_from = ml_collections.ConfigDict(dict(
+        path='',                     # a checkpoint file or a vit_jax workdir; '' = from scratch
+        format='auto',               # the checkpoint's format (vit_jax.checkpoints.load_params)
+        posemb_resize='bilinear',    # 'bilinear' (vision_transformer) | 'bicubic' (DeiT, T2T)
+        skip='',                     # a regex of parameter names left at their initialisation
+    ))
 
     c.optimizer = ml_collections.ConfigDict(dict(
         name='adamw',            # 'adamw' = 'adam' (how decay applies: weight_decay_mode) | 'sgd' (momentum)
@@ -119,10 +130,13 @@ def base_config() -> ml_collections.ConfigDict:
         schedule_epoch_steps=0,  # timm_cosine: updates per epoch (the schedule steps once per epoch)
         schedule_epoch_lag=0,    # timm_cosine: epoch e runs at epoch e - lag's rate (DeiT's main.py: 1)
         cosine_epochs=0,         # timm_cosine: timm's t_initial (epochs after it stay at end_learning_rate)
-        b1=0.9, b2=0.999, eps=1e-8,
+        b1=0.9,                  # Adam's beta1
+        b2=0.999,                # Adam's beta2
+        eps=1e-8,                # Adam's epsilon
         mu_dtype='',             # Adam's first moment / SGD's momentum dtype ('bfloat16': big_vision,
                                  # vision_transformer's fine-tuning); '' = the params'
-        momentum=0.9, nesterov=False,  # sgd
+        momentum=0.9,            # sgd
+        nesterov=False,          # sgd: Nesterov momentum
         weight_decay=0.0,        # on kernels only (vit_jax.train.optim.decays)
         weight_decay_mode='lr',  # 'lr': p -= lr(t) w p (AdamW, flax.optim.Adam) | 'schedule': p -= lr(t)/peak w p
                                  # (big_vision) | 'l2': g += w p (torch SGD)
@@ -134,16 +148,20 @@ def base_config() -> ml_collections.ConfigDict:
         layer_decay=0.0,         # layer-wise lr decay (MAE / BEiT fine-tuning: 0.65 for ViT-B), 0 = off
     ))
     c.total_steps = 0            # > 0 wins over num_epochs
-    c.num_epochs = 1.0
+    c.num_epochs = 1.0           # of the train split, when total_steps is 0
 
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.mesh = ml_collections.ConfigDict(dict(
+        data=-1,                     # replicas, each a slice of the batch (-1: the devices the others leave)
+        fsdp=1,                      # also a slice of the batch, with parameters sharded along it (ZeRO-3)
+        tensor=1,                    # attention heads and MLP units split (Megatron)
+    ))
 
-    c.seed = 0
-    c.log_every = 50
-    c.eval_every = 1000
-    c.checkpoint_every = 1000
-    c.keep_checkpoints = 3
-    c.profile = False
+    c.seed = 0                   # initialisation, data order and augmentation, dropout
+    c.log_every = 50             # steps between train metrics
+    c.eval_every = 1000          # steps between evaluations (and one at the end)
+    c.checkpoint_every = 1000    # steps between checkpoints (and one at the end)
+    c.keep_checkpoints = 3       # the newest kept
+    c.profile = False            # a TensorBoard profile of 5 steps
     # The teacher's architecture overrides: the same typed fields as config.model.
     c.distillation.teacher.model = copy.deepcopy(c.model)
     return c
