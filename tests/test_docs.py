@@ -65,32 +65,41 @@ def stop_after_parsing(monkeypatch):
     monkeypatch.setenv('VIT_JAX_MALLOC', '0')  # no re-execution of the process for glibc's tunables
 
 
-def check_config_flags(argv: list[str], every_flag: bool = False) -> None:
-    """--config FILE and --config.X=V (``every_flag``: all of argv) through vit_jax.main's own (absl, locked) flags,
-    then validate_config."""
+def check_config_flags(argv: list[str], main_flags: bool = False) -> None:
+    """--config FILE and --config.X=V through the same locked ml_collections config flag vit_jax.main defines (in a
+    FlagValues of its own), then validate_config; ``main_flags``: every other flag must be one of vit_jax.main's."""
     from absl import flags
-    import vit_jax.main  # noqa: F401 - defines the flags
+    from ml_collections import config_flags
     from vit_jax.train.validate import validate_config
-    if every_flag:
-        flags.FLAGS.unparse_flags()
-        flags.FLAGS(['main', *argv])
-        validate_config(flags.FLAGS.config)
-        return
-    config_args, i = [], 0
+    config_args, others, i = [], [], 0
     while i < len(argv):
         token = argv[i]
-        if token == '--config' or (token.startswith('--config.') and '=' not in token):
-            config_args += [f'{token}={argv[i + 1]}']
-            i += 2
+        takes_value = '=' not in token and i + 1 < len(argv) and not argv[i + 1].startswith('--')
+        if token == '--config' or token.startswith('--config.'):
+            config_args.append(f'{token}={argv[i + 1]}' if takes_value else token)
+            i += 2 if takes_value else 1
             continue
-        if token.startswith('--config'):
-            config_args.append(token)
+        if token.startswith('--'):
+            others.append(token[2:].split('=')[0])
+            i += 2 if takes_value and token[2:] in ('workdir', 'coordinator_address', 'num_processes',
+                                                    'process_id', 'compiled') else 1
+            continue
         i += 1
+    if main_flags:
+        import vit_jax.main
+        known = set(vit_jax.main.FLAGS)
+        for name in others:
+            assert name in known or (name.startswith('no') and name[2:] in known), f'--{name} is not a flag of main'
     if not config_args:
         return
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(['main', *config_args, '--workdir=/tmp/unused'])
-    validate_config(flags.FLAGS.config)
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file('config', None, 'config', flag_values=values, lock_config=True)
+    saved, sys.argv = sys.argv, ['main', *config_args]  # the config flag reads its overrides from sys.argv
+    try:
+        values(sys.argv)
+    finally:
+        sys.argv = saved
+    validate_config(values.config)
 
 
 @pytest.mark.parametrize('where, command', commands() or [('none', '')])
@@ -103,7 +112,7 @@ def test_documented_commands_parse(where, command, stop_after_parsing, monkeypat
     else:
         module, args = None, argv[2:]
     if module in ('vit_jax.main', 'vit_jax.aot'):
-        check_config_flags(args, every_flag=module == 'vit_jax.main')
+        check_config_flags(args, main_flags=module == 'vit_jax.main')
         if module == 'vit_jax.main':
             return
         args = [a for a in args if not a.startswith('--config.')]
