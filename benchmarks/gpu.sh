@@ -8,7 +8,7 @@
 # 3. ViT-L/16 bf16 at batch 128 with scan + remat: does it fit (XLA's memory plan, then the real step)
 # 4. PyTorch on the same GPU beside each (Hugging Face ViT, SDPA attention, bf16 autocast, AdamW)
 # 5. the test suite's GPU-relevant tests (attention paths, sharding, a train step), on the GPU
-# It has not been run by this project yet: no GPU was lent to the session that wrote it (see the README).
+# It has not run: no GPU has been available to this project (docs/accelerators.md says what was compiled for one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv-gpu}

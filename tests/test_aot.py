@@ -118,3 +118,18 @@ def test_main_runs_a_saved_executable_and_refuses_another_config(tmp_path):
     refused = main('other', f'--compiled={path}', '--config.batch_size=64')
     assert refused.returncode == 1
     assert 'built for another config: config.batch_size=64 here, 128 in the file' in refused.stderr
+
+
+def test_plan_prints_layouts_that_were_compiled_and_fit(tmp_path):
+    """--plan compiles each candidate layout (here 3, the budget) and prints the fitting ones, fastest first, as
+    ready --config overrides."""
+    run = aot('--config', 'configs/quickstart.py', '--topology', 'v5e-4', '--plan', '--plan-budget', '3', '--json',
+              str(tmp_path / 'plan.json'))
+    assert run.returncode == 0, run.stderr
+    assert 'Best layouts (estimated step time, fastest first):' in run.stdout
+    assert '--config.mesh.data=4 --config.mesh.fsdp=1 --config.mesh.tensor=1' in run.stdout
+    assert 'more layouts not compiled: raise --plan-budget' in run.stdout
+    plan = json.loads((tmp_path / 'plan.json').read_text())['plan']
+    assert 1 <= len(plan) <= 3 and all(p['peak_bytes'] > 0 for p in plan)
+    times = [p['estimate']['step_seconds'] for p in plan]
+    assert times == sorted(times)
