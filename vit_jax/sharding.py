@@ -8,6 +8,7 @@ those names to mesh axes, so no module knows about the mesh.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import jax
@@ -25,6 +26,16 @@ AXIS_RULES = (
     ('mlp', 'tensor'),
     ('conv_out', 'tensor'),
 )
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh):
+    """Within it (while a step is traced), the blocks' tokens keep the batch split over data x fsdp
+    (``models/encoder.token_sharding``). Without it XLA's propagation could split the tokens' width over fsdp like
+    the parameters' and keep every example on every device: fsdp then planned many times data parallelism's memory."""
+    from vit_jax.models import encoder
+    with encoder.token_sharding(batch_sharding(mesh)):
+        yield
 
 
 def create_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:

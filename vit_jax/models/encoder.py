@@ -18,6 +18,8 @@ With ``scan_layers=True`` the blocks live under ``encoder/blocks`` with a leadin
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 from typing import Any
@@ -149,6 +151,27 @@ class TokenDense(nn.Module):
         return bias_add(y, self.param('bias', self.bias_init, (self.features,), self.param_dtype))
 
 
+# The sharding of the tokens between blocks while the training system traces a step (``sharding.batch_sharding``:
+# the batch split over data x fsdp, the rest whole), so that fsdp gathers parameters, not activations; None (a model
+# applied on its own): no constraint.
+_token_sharding: contextvars.ContextVar = contextvars.ContextVar('token_sharding', default=None)
+
+
+@contextlib.contextmanager
+def token_sharding(sharding):
+    """Within it, every block's input and output tokens are constrained to ``sharding``."""
+    reset = _token_sharding.set(sharding)
+    try:
+        yield
+    finally:
+        _token_sharding.reset(reset)
+
+
+def constrain_tokens(x: jax.Array) -> jax.Array:
+    sharding = _token_sharding.get()
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+
 def partitioned(init, names: tuple[str | None, ...]):
     """Attaches logical axis names to an initialiser, so the train step can shard the parameter by rules."""
     return nn.with_logical_partitioning(init, names)
@@ -193,7 +216,8 @@ class MlpBlock(nn.Module):
 ATTENTION_IMPLS = ('auto', 'xla', 'cudnn', 'cpu_kernel')
 CUDNN_DTYPES = ('bfloat16', 'float16')
 # cuDNN's fused attention gradient refuses token counts such as 197 (every ViT/DeiT with a class token at 224 px):
-# the tokens are padded to a multiple of this, the padded keys masked and the padded queries dropped (``padded``).
+# the tokens are padded to a multiple of this, the padded keys masked and the padded queries dropped
+# (``padded_attention``).
 CUDNN_TOKEN_MULTIPLE = 8
 
 
@@ -397,6 +421,7 @@ class EncoderBlock(nn.Module):
         rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
         stochastic_depth = not deterministic and self.drop_path_rate > 0.0
         norm = functools.partial(layer_norm, self.layer_norm_eps, self.dtype, self.param_dtype)
+        x = constrain_tokens(x)
 
         y = norm('norm1')(x)
         y = MultiHeadSelfAttention(self.num_heads, self.qkv_bias, self.attention_dropout_rate,
@@ -412,7 +437,7 @@ class EncoderBlock(nn.Module):
                      self.platform, name='mlp')(y, deterministic)
         if stochastic_depth:
             y = drop_path(y, rate, self.make_rng('dropout'))
-        x = x + y
+        x = constrain_tokens(x + y)
         self.sow('intermediates', 'tokens', x)
         return x
 

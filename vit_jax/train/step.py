@@ -178,6 +178,10 @@ def make_train_step(objective, tx: optax.GradientTransformation, shardings: Trai
     base_rng = jax.random.key(seed + 1)
 
     def step(state: TrainState, batch: dict[str, jax.Array]):
+        with sharding.activation_rules(mesh):
+            return _step(state, batch)
+
+    def _step(state: TrainState, batch: dict[str, jax.Array]):
         def loss_fn(trainable, batch, rng):
             return objective.loss(trainable['model'], trainable['objective'], state.frozen, batch, rng)
 
@@ -209,7 +213,11 @@ def make_eval_step(objective, mesh: Mesh, shardings: TrainState) -> Callable:
     What it sums (loss, top-1, top-5, per-head accuracies, ...) is the objective's (``objective.eval_sums``);
     ``objective.eval_metrics`` turns the totals into metrics.
     """
-    return jax.jit(objective.eval_sums,
+    def eval_sums(*args):
+        with sharding.activation_rules(mesh):
+            return objective.eval_sums(*args)
+
+    return jax.jit(eval_sums,
                    in_shardings=(shardings.params, shardings.objective_params, shardings.frozen,
                                  sharding.batch_sharding(mesh)),
                    out_shardings=sharding.replicated(mesh))
