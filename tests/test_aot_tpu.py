@@ -50,6 +50,8 @@ def test_fsdp_shards_the_arguments(tpu):
     """fsdp=4 on 4 chips holds a quarter of the parameters and optimizer state per chip: <= 0.3x of fsdp=1."""
     replicated, sharded = ok(tpu[0], 'vit_b16 fsdp=1'), ok(tpu[0], 'vit_b16 fsdp=4')
     assert sharded['train']['argument_bytes'] <= 0.3 * replicated['train']['argument_bytes']
+    # and the activations stay split over the batch (encoder.token_sharding): no more memory than data parallelism
+    assert sharded['train']['total_bytes'] < replicated['train']['total_bytes'] and sharded['fits']
     assert sharded['train']['collectives']['all-gather']['count'] > 0  # the sharded parameters, gathered
     # Scanned: XLA's count holds one layer, so the estimate takes the model's FLOPs.
     assert sharded['flops_source'] == 'model' and sharded['compiled_flops_per_image'] is None
