@@ -87,18 +87,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--only', default='', help='comma-separated recipe names')
     parser.add_argument('--out', default=str(REPO / 'benchmarks' / 'aot_recipes'))
+    parser.add_argument('--table-only', action='store_true', help='write the table from the JSONs in --out, '
+                        'compiling nothing')
     args = parser.parse_args()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = [n for n in RECIPES if not args.only or n in args.only.split(',')]
-    rows = [row(run(name, RECIPES[name][0], out)) for name in names]
+    if args.table_only:
+        names = [n for n in names if (out / f'{n}.json').exists()]
+        rows = [row({**json.loads((out / f'{n}.json').read_text()), 'name': n}) for n in names]
+    else:
+        rows = [row(run(name, RECIPES[name][0], out)) for name in names]
     sys.path.insert(0, str(REPO))
     from vit_jax.kernels.build import cpu_model
     header = [f'Compiled on {datetime.date.today()} on {cpu_model()}, 2 cores; `python benchmarks/aot_recipes.py`.',
               f'Every recipe in bf16 with the blocks scanned ({" ".join(COMMON)}), at its global batch. Memory: the '
               'larger of the train and eval steps per device (XLA\'s plan). Images/s: the roofline estimate, an '
               'upper bound (compiled: XLA\'s FLOPs and bytes; model: 3 x the analytic forward FLOPs against the '
-              'peak, since the scanned program\'s cost analysis counts one layer). MFU where XLA\'s counts apply.',
+              'peak, since the scanned program\'s cost analysis counts one layer). MFU where XLA\'s counts apply. '
+              'Compile s: the train and eval compiles\' wall time here, with other jobs on the same 2 cores for '
+              'some recipes: not a benchmark.',
               '', '| recipe | topology | batch | mesh (data x fsdp x tensor) | GiB per device | fits | images/s '
               '(estimate) | MFU | collectives per step | compile s |', '|' + '---|' * 10]
     (out.parent / 'aot_recipes.md').write_text('\n'.join(header + rows) + '\n')
