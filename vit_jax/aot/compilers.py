@@ -28,8 +28,11 @@ _PLATFORM_PACKAGES = {'tpu': ('libtpu',), 'gpu': ('jax-cuda12-plugin', 'jax-cuda
 # A deviceless compile: no metadata server to ask for the TPU's type and hosts (libtpu warns of both and of the
 # worker hostnames otherwise), no CUDA driver to check the libraries against.
 ENVIRONMENT = {
+    # libtpu takes a machine-wide lock file (/tmp/libtpu_lockfile) for the chips it would drive; a deviceless compile
+    # drives none, and two of them at once (the test workers, a user's second command) must not refuse each other.
     'tpu': {'TPU_SKIP_MDS_QUERY': '1', 'TPU_ACCELERATOR_TYPE': 'v5litepod-4', 'TPU_WORKER_HOSTNAMES': 'localhost',
-            'TPU_WORKER_ID': '0', 'TPU_STDERR_LOG_LEVEL': '3', 'TPU_MIN_LOG_LEVEL': '3'},
+            'TPU_WORKER_ID': '0', 'TPU_STDERR_LOG_LEVEL': '3', 'TPU_MIN_LOG_LEVEL': '3',
+            'ALLOW_MULTIPLE_LIBTPU_LOAD': '1'},
     'gpu': {'JAX_SKIP_CUDA_CONSTRAINTS_CHECK': '1'},
 }
 # XLA flags of a deviceless compile. GPU: with no device to autotune on, XLA's Triton GEMM fusions found no tile sizes
