@@ -13,7 +13,7 @@ from typing import Callable, Iterable
 
 import ml_collections
 
-from vit_jax.aot import compile as aot_compile, hlo, targets
+from vit_jax.aot import compile as aot_compile, targets
 
 GiB = 2 ** 30
 
@@ -33,7 +33,8 @@ def format_report(c: aot_compile.Compiled) -> str:
     chip, t = c.chip, c.train
     estimate = c.estimate()
     lines = [f'{c.config.model_name}, batch {c.config.batch_size}, on {c.topology.describe()}',
-             f'  mesh {c.mesh_shape}, platform {c.platform}, attention {c.attention}, jax {aot_compile.jax.__version__}',
+             f'  mesh {c.mesh_shape}, platform {c.platform}, attention {c.attention}, '
+             f'jax {aot_compile.jax.__version__}',
              '  per device         train step    eval step',
              f'  arguments        {_gib(t.argument_bytes):>12}  {_gib(c.eval.argument_bytes):>11}'
              '   (parameters, optimizer state, batch)',
@@ -199,5 +200,3 @@ def plan(config: ml_collections.ConfigDict, topology: targets.Topology, devices,
     fitting.sort(key=lambda a: a.compiled.estimate()['step_seconds'])
     return fitting
 
-
-__all__ = ['format_report', 'remedies', 'plan', 'with_overrides', 'as_flags', 'mesh_options', 'hlo']

@@ -348,9 +348,9 @@ class MultiHeadSelfAttention(nn.Module):
     call pads the tokens to a length its backward takes (``padded_attention``). 'xla' is
     ``jax.nn.dot_product_attention(implementation='xla')`` on GPU / TPU, and on CPU XLA's own batched matmuls,
     head-major (``softmax_attention``). Which of them 'auto' is depends on ``platform``, the devices the model is
-    compiled for (``vit_jax.hardware``), never on the process that traces it. A field, not a global: jit caches on the module. The explicit-softmax path,
-    head-major too, is taken when it is needed: attention dropout while training, or when the caller asks for the
-    attention maps by making the ``'attention_weights'`` collection mutable
+    compiled for (``vit_jax.hardware``), never on the process that traces it. A field, not a global: jit caches on
+    the module. The explicit-softmax path, head-major too, is taken when it is needed: attention dropout while
+    training, or when the caller asks for the attention maps by making the ``'attention_weights'`` collection mutable
     (``model.apply(..., mutable=['attention_weights'])``).
     """
 
