@@ -21,9 +21,9 @@ TINY = {'model.hidden_size': 64, 'model.num_heads': 2, 'model.mlp_dim': 128, 'mo
         'batch_size': 16, 'eval_batch_size': 16, 'optimizer.warmup_steps': 1, 'total_steps': 10}
 
 
-def recipe_case(name: str, topology: str = 'h100x1', **overrides) -> dict:
+def recipe_case(name: str, topology: str = 'h100x1', label: str = '', **overrides) -> dict:
     extra = dict(TEACHER) if 'distilled' in name else {}
-    return {'name': f'{name}@{topology}', 'config': f'configs/{name}', 'topology': topology, 'eval': False,
+    return {'name': f'{name}{label}@{topology}', 'config': f'configs/{name}', 'topology': topology, 'eval': False,
             'overrides': {**SMALL, 'model.dtype': 'bfloat16', **extra, **overrides}}
 
 

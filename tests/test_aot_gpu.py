@@ -39,7 +39,7 @@ def test_padded_attention_equals_unpadded_attention(n):
 @pytest.fixture(scope='module')
 def gpu(tmp_path_factory):
     cases = [recipe_case(name) for name in CONFIGS]
-    cases.append(recipe_case('vit_b16.py', image_size=384))  # 577 tokens
+    cases.append(recipe_case('vit_b16.py', label=' 384 px', image_size=384))  # 577 tokens
     cases.append(recipe_case('deit_b16.py', topology='a100x1'))
     # Tiny models of each family, train and eval steps: bf16 (cuDNN) and fp32 (XLA's attention), 1 and 8 GPUs.
     tiny = {'vit': ('quickstart.py', {}),
@@ -68,9 +68,7 @@ def gpu(tmp_path_factory):
 def test_every_recipe_trains_with_cudnn_attention_on_a_gpu(gpu, name):
     """Each shipped recipe's train step (bf16, at its own resolution; 197, 198, 257 or 577 tokens, MAE's kept
     patches) compiles for a GPU with cuDNN's fused attention forward and backward, and nothing of the CPU's."""
-    key = {'vit_b16.py 384 px': 'vit_b16.py@h100x1', 'deit_b16.py on an A100': 'deit_b16.py@a100x1'}.get(name)
-    if key == 'vit_b16.py@h100x1':  # the 384 px case was appended after the 224 px one of the same name
-        key = [k for k in gpu if k.startswith('vit_b16.py@h100x1')][-1]
+    key = {'vit_b16.py 384 px': 'vit_b16.py 384 px@h100x1', 'deit_b16.py on an A100': 'deit_b16.py@a100x1'}.get(name)
     result = ok(gpu, key or f'{name}@h100x1')
     train = result['train']
     assert result['attention'] == 'cudnn' and result['platform'].startswith('cuda:')

@@ -29,7 +29,7 @@ AXIS_RULES = (
 
 
 @contextlib.contextmanager
-def activation_rules(mesh: Mesh):
+def batch_split_tokens(mesh: Mesh):
     """Within it (while a step is traced), the blocks' tokens keep the batch split over data x fsdp
     (``models/encoder.token_sharding``). Without it XLA's propagation could split the tokens' width over fsdp like
     the parameters' and keep every example on every device: fsdp then planned many times data parallelism's memory."""

@@ -145,7 +145,7 @@ def _compile_and_report(FLAGS) -> int:
         print('Best layouts (estimated step time, fastest first):' if fitting else 'No layout searched fits.')
         for a in fitting[:3]:
             e = a.compiled.estimate()
-            print(f'  {e["step_seconds"] * 1e3:8.1f} ms  {_fmt_gib(a.compiled.peak_bytes)} peak  '
+            print(f'  {e["step_seconds"] * 1e3:8.1f} ms  {report.gib(a.compiled.peak_bytes)} peak  '
                   f'{report.as_flags(a.overrides)}')
     if FLAGS.save:
         from vit_jax.aot import saved
@@ -156,10 +156,6 @@ def _compile_and_report(FLAGS) -> int:
         with open(FLAGS.json, 'w') as f:
             json.dump(result, f, indent=1, default=str)
     return 0
-
-
-def _fmt_gib(n: int) -> str:
-    return f'{n / 2 ** 30:.2f} GiB'
 
 
 if __name__ == '__main__':

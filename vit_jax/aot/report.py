@@ -18,7 +18,7 @@ from vit_jax.aot import compile as aot_compile, targets
 GiB = 2 ** 30
 
 
-def _gib(n: float) -> str:
+def gib(n: float) -> str:
     return f'{n / GiB:.2f} GiB' if abs(n) >= GiB / 10 else f'{n / 2 ** 20:.1f} MiB'
 
 
@@ -36,20 +36,20 @@ def format_report(c: aot_compile.Compiled) -> str:
              f'  mesh {c.mesh_shape}, platform {c.platform}, attention {c.attention}, '
              f'jax {aot_compile.jax.__version__}',
              '  per device         train step    eval step',
-             f'  arguments        {_gib(t.argument_bytes):>12}  {_gib(c.eval.argument_bytes):>11}'
+             f'  arguments        {gib(t.argument_bytes):>12}  {gib(c.eval.argument_bytes):>11}'
              '   (parameters, optimizer state, batch)',
-             f'  temporaries      {_gib(t.temp_bytes):>12}  {_gib(c.eval.temp_bytes):>11}',
-             f'  outputs          {_gib(t.output_bytes):>12}  {_gib(c.eval.output_bytes):>11}'
-             f'   ({_gib(t.alias_bytes)} of the train step\'s in donated arguments)',
-             f'  generated code   {_gib(t.code_bytes):>12}  {_gib(c.eval.code_bytes):>11}',
-             f'  total            {_gib(t.total_bytes):>12}  {_gib(c.eval.total_bytes):>11}'
-             f'   of {_gib(chip.memory_bytes)} ({chip.name})']
+             f'  temporaries      {gib(t.temp_bytes):>12}  {gib(c.eval.temp_bytes):>11}',
+             f'  outputs          {gib(t.output_bytes):>12}  {gib(c.eval.output_bytes):>11}'
+             f'   ({gib(t.alias_bytes)} of the train step\'s in donated arguments)',
+             f'  generated code   {gib(t.code_bytes):>12}  {gib(c.eval.code_bytes):>11}',
+             f'  total            {gib(t.total_bytes):>12}  {gib(c.eval.total_bytes):>11}'
+             f'   of {gib(chip.memory_bytes)} ({chip.name})']
     for name, step in (('train', t), ('eval', c.eval)):
         if step.out_of_memory:
             lines.append(f'  the {name} step was refused by the compiler: {step.out_of_memory}')
     headroom = aot_compile.USABLE_MEMORY * chip.memory_bytes - c.peak_bytes
-    lines.append(f'  FITS, {_gib(headroom)} of headroom (within {aot_compile.USABLE_MEMORY:.0%} of the chip\'s memory)'
-                 if c.fits else f'  DOES NOT FIT by {_gib(-headroom)} (within {aot_compile.USABLE_MEMORY:.0%} of '
+    lines.append(f'  FITS, {gib(headroom)} of headroom (within {aot_compile.USABLE_MEMORY:.0%} of the chip\'s memory)'
+                 if c.fits else f'  DOES NOT FIT by {gib(-headroom)} (within {aot_compile.USABLE_MEMORY:.0%} of '
                  f'the chip\'s memory)')
     batch = int(c.config.batch_size)
     if c.flops_source == 'compiled':
@@ -140,14 +140,11 @@ def remedies(config: ml_collections.ConfigDict, topology: targets.Topology, devi
         batch = int(cfg.batch_size)
         yield [{'batch_size': batch // k} for k in (2, 4, 8) if (batch // k) % n == 0 and batch % k == 0]
 
-    for options in stages(with_overrides(config, applied)):
+    for options in stages(config):
         for option in options:
-            if 'optimizer.microbatches' in option and int(config.batch_size) % (
-                    option['optimizer.microbatches'] * n):
-                continue
             attempt = _attempt(config, topology, devices, {**applied, **option}, compile_fn)
             attempts.append(attempt)
-            peak = f'{_gib(attempt.compiled.peak_bytes)}' if attempt.compiled else attempt.error
+            peak = f'{gib(attempt.compiled.peak_bytes)}' if attempt.compiled else attempt.error
             log(f'  tried {as_flags(attempt.overrides)}: {"fits" if attempt.fits else "does not fit"} ({peak})')
             if attempt.fits:
                 return attempts
@@ -192,7 +189,7 @@ def plan(config: ml_collections.ConfigDict, topology: targets.Topology, devices,
             continue
         estimate = attempt.compiled.estimate()
         log(f'  {as_flags(overrides)}: {"fits" if attempt.fits else "does not fit"}, peak '
-            f'{_gib(attempt.compiled.peak_bytes)}, est. {estimate["step_seconds"] * 1e3:.1f} ms')
+            f'{gib(attempt.compiled.peak_bytes)}, est. {estimate["step_seconds"] * 1e3:.1f} ms')
         if attempt.fits:
             fitting.append(attempt)
     if len(candidates) > budget:

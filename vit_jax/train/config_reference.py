@@ -35,7 +35,7 @@ registered model's value (`python -m vit_jax.models`).
 def leaves(config: ml_collections.ConfigDict, prefix: str = '') -> Iterator[tuple[str, Any, str]]:
     """(dotted name, default, type name) of every field."""
     for key in sorted(config.keys()):
-        value = config[key] if not isinstance(config, ml_collections.ConfigDict) else config._fields[key]
+        value = config._fields[key]  # FieldReferences as they are, not their values
         name = f'{prefix}{key}'
         if isinstance(value, ml_collections.FieldReference):
             field_type = value._field_type

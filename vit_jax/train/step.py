@@ -178,7 +178,7 @@ def make_train_step(objective, tx: optax.GradientTransformation, shardings: Trai
     base_rng = jax.random.key(seed + 1)
 
     def step(state: TrainState, batch: dict[str, jax.Array]):
-        with sharding.activation_rules(mesh):
+        with sharding.batch_split_tokens(mesh):
             return _step(state, batch)
 
     def _step(state: TrainState, batch: dict[str, jax.Array]):
@@ -214,7 +214,7 @@ def make_eval_step(objective, mesh: Mesh, shardings: TrainState) -> Callable:
     ``objective.eval_metrics`` turns the totals into metrics.
     """
     def eval_sums(*args):
-        with sharding.activation_rules(mesh):
+        with sharding.batch_split_tokens(mesh):
             return objective.eval_sums(*args)
 
     return jax.jit(eval_sums,
