@@ -27,8 +27,19 @@ def recipe_case(name: str, topology: str = 'h100x1', label: str = '', **override
             'overrides': {**SMALL, 'model.dtype': 'bfloat16', **extra, **overrides}}
 
 
-def run_cases(kind: str, cases: list[dict], tmp: pathlib.Path) -> dict:
-    """Compiles ``cases`` in one process with the ``kind`` compiler; {name: report or {'error', 'traceback'}}."""
+def selected_tiers(request) -> set[bool]:
+    """Which tiers this run selected among the requesting module's tests: True for `slow` ones, False for the rest
+    (`make test` compiles the fast tier's cases only, `make test-slow` the slow tier's)."""
+    return {item.get_closest_marker('slow') is not None for item in request.session.items
+            if getattr(item, 'module', None) is request.module}
+
+
+def run_cases(kind: str, cases: list[dict], tmp: pathlib.Path, request=None) -> dict:
+    """Compiles ``cases`` in one process with the ``kind`` compiler; {name: report or {'error', 'traceback'}}. With
+    ``request``, only the cases of the selected tiers (a case dict's ``slow``)."""
+    if request is not None:
+        tiers = selected_tiers(request)
+        cases = [c for c in cases if c.get('slow', False) in tiers]
     pathlib.Path(TEACHER_PATH).touch()
     if not compilers.installed(kind):
         pytest.fail(f'the {kind} compiler is not installed: `make test` installs it (python -m vit_jax.aot '

@@ -4,6 +4,7 @@ the HLO reading (the compiled cases are in test_aot_tpu.py and test_aot_gpu.py).
 import json
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -16,14 +17,22 @@ def aot(*args, timeout=600) -> subprocess.CompletedProcess:
                           timeout=timeout, cwd=REPO)
 
 
-def test_the_command_prints_the_report_and_nothing_of_the_plugins(tmp_path):
-    run = aot('--config', 'configs/quickstart.py', '--topology', 'v5e-4', '--json', str(tmp_path / 'r.json'))
+@pytest.fixture(scope='module')
+def planned(tmp_path_factory):
+    """One run of the command with --plan (compiling the config, then 2 candidate layouts): its output and JSON."""
+    path = tmp_path_factory.mktemp('plan') / 'plan.json'
+    run = aot('--config', 'configs/quickstart.py', '--topology', 'v5e-4', '--plan', '--plan-budget', '2', '--json',
+              str(path))
     assert run.returncode == 0, run.stderr
+    return run, json.loads(path.read_text())
+
+
+def test_the_command_prints_the_report_and_nothing_of_the_plugins(planned):
+    run, report = planned
     assert 'on v5e-4: 4 TPU v5e (4 devices)' in run.stdout and 'FITS' in run.stdout
     assert 'all-reduce 1 x' in run.stdout
     for noise in ('TPU_ACCELERATOR_TYPE', 'TPU_WORKER_HOSTNAMES', 'InitGoogle', 'oneDNN'):
         assert noise not in run.stderr and noise not in run.stdout
-    report = json.loads((tmp_path / 'r.json').read_text())
     assert report['topology'] == 'v5e-4' and report['train']['flops'] > 0
 
 
@@ -120,16 +129,38 @@ def test_main_runs_a_saved_executable_and_refuses_another_config(tmp_path):
     assert 'built for another config: config.batch_size=64 here, 128 in the file' in refused.stderr
 
 
-def test_plan_prints_layouts_that_were_compiled_and_fit(tmp_path):
-    """--plan compiles each candidate layout (here 3, the budget) and prints the fitting ones, fastest first, as
+def test_plan_prints_layouts_that_were_compiled_and_fit(planned):
+    """--plan compiles each candidate layout (here 2, the budget) and prints the fitting ones, fastest first, as
     ready --config overrides."""
-    run = aot('--config', 'configs/quickstart.py', '--topology', 'v5e-4', '--plan', '--plan-budget', '3', '--json',
-              str(tmp_path / 'plan.json'))
-    assert run.returncode == 0, run.stderr
+    run, report = planned
     assert 'Best layouts (estimated step time, fastest first):' in run.stdout
     assert '--config.mesh.data=4 --config.mesh.fsdp=1 --config.mesh.tensor=1' in run.stdout
     assert 'more layouts not compiled: raise --plan-budget' in run.stdout
-    plan = json.loads((tmp_path / 'plan.json').read_text())['plan']
-    assert 1 <= len(plan) <= 3 and all(p['peak_bytes'] > 0 for p in plan)
+    plan = report['plan']
+    assert 1 <= len(plan) <= 2 and all(p['peak_bytes'] > 0 for p in plan)
     times = [p['estimate']['step_seconds'] for p in plan]
     assert times == sorted(times)
+
+
+def test_remedies_are_tried_in_order_and_keep_what_did_not_suffice():
+    """The search with a stand-in compiler (the real one is in test_aot_tpu.py): more fsdp, then remat on top, then
+    micro-batches 2, 4, ... on top of both, stopping at the first layout that fits; a layout the compiler refuses is
+    an attempt with its error, and the search goes on."""
+    from vit_jax.aot import report
+    from vit_jax.train.config import load_config
+    config = load_config(str(REPO / 'configs' / 'quickstart.py'))  # batch 128: 32 per chip on 4 chips
+    tried = []
+
+    def compile_fn(cfg, topology, devices):
+        tried.append((int(cfg.mesh.fsdp), bool(cfg.model.remat), int(cfg.optimizer.microbatches)))
+        if int(cfg.optimizer.microbatches) == 2:
+            raise ValueError('RESOURCE_EXHAUSTED: stand-in refusal\nsecond line')
+        fits = bool(cfg.model.remat) and int(cfg.optimizer.microbatches) >= 4
+        return types.SimpleNamespace(fits=fits, peak_bytes=1 if fits else 2)
+
+    attempts = report.remedies(config, targets.parse('v5e-4'), None, compile_fn=compile_fn, log=lambda s: None)
+    assert tried == [(-1, False, 1), (-1, True, 1), (-1, True, 2), (-1, True, 4)]
+    assert [a.fits for a in attempts] == [False, False, False, True]
+    assert attempts[2].error == 'RESOURCE_EXHAUSTED: stand-in refusal' and attempts[2].compiled is None
+    assert attempts[-1].overrides == {'mesh.data': 1, 'mesh.fsdp': -1, 'mesh.tensor': 1, 'model.remat': True,
+                                      'optimizer.microbatches': 4}

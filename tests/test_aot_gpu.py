@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aot_cases import CONFIGS, TEACHER, TINY, ok, recipe_case, run_cases
+from aot_cases import CONFIGS, TEACHER, TINY as TINY_OVERRIDES, ok, recipe_case, run_cases
 from vit_jax.models import encoder
 
 
@@ -36,69 +36,80 @@ def test_padded_attention_equals_unpadded_attention(n):
                                    err_msg=f'{what} at {n} tokens')
 
 
+# The fast tier (`make test`) compiles one case of each path: a recipe at 197 tokens (the count cuDNN's backward
+# refused unpadded), each family in bf16 on one H100, XLA's attention in fp32, an 8-GPU fsdp mesh and an A100; the
+# slow tier every other recipe, resolution, dtype and mesh (the hybrid's ResNet stem alone compiles for ~70 s).
+FAST_RECIPES = ('vit_b16.py',)
+RECIPES = {**{name: recipe_case(name) for name in CONFIGS},
+           'vit_b16.py 384 px': recipe_case('vit_b16.py', label=' 384 px', image_size=384),  # 577 tokens
+           'deit_b16.py on an A100': recipe_case('deit_b16.py', topology='a100x1')}
+TINY_FAMILIES = {
+    'vit': ('quickstart.py', {}),
+    'deit_distilled': ('deit_ti16_distilled.py', {**TEACHER, 'distillation.teacher.model.hidden_size': 64,
+                                                  'distillation.teacher.model.num_heads': 2,
+                                                  'distillation.teacher.model.mlp_dim': 128,
+                                                  'distillation.teacher.model.num_layers': 1,
+                                                  'image_size': 32, 'distillation.teacher.image_size': 32}),
+    't2t': ('t2t_vit_14.py', {'image_size': 64, 'model.token_dim': 16}),
+    'hybrid': ('r50_vit_b16.py', {'image_size': 64, 'model.resnet_width': 0.5}),
+    'mae': ('mae_vit_b16.py', {'image_size': 32, 'model.patch_size': 8, 'mae.decoder_width': 32,
+                               'mae.decoder_depth': 1, 'mae.decoder_heads': 2})}
+MESHES = {'h100x1 data': ('h100x1', {}), 'h100x8 data': ('h100x8', {'mesh.data': 8}),
+          'h100x8 fsdp': ('h100x8', {'mesh.data': 1, 'mesh.fsdp': 8}), 'a100x1 data': ('a100x1', {})}
+FAST_TINY = ('vit bfloat16 h100x1 data', 'vit float32 h100x1 data', 'vit bfloat16 h100x8 fsdp',
+             'deit_distilled bfloat16 a100x1 data', 't2t bfloat16 h100x1 data', 'mae bfloat16 h100x1 data')
+TINY = {}
+for family, (config, overrides) in TINY_FAMILIES.items():
+    for dtype in ('bfloat16', 'float32'):
+        for mesh_name, (topology, mesh) in MESHES.items():
+            if mesh_name != 'h100x1 data' and family not in ('vit', 'deit_distilled'):
+                continue  # the mesh and the GPU generation are the encoder's business: ViT and DeiT cover them
+            name = f'{family} {dtype} {mesh_name}'
+            TINY[name] = {'name': name, 'config': f'configs/{config}', 'topology': topology,
+                          'overrides': {**TINY_OVERRIDES, **overrides, **mesh, 'model.dtype': dtype}}
+
+
+def tiered(names, fast):
+    return [n if n in fast else pytest.param(n, marks=pytest.mark.slow) for n in names]
+
+
 @pytest.fixture(scope='module')
-def gpu(tmp_path_factory):
-    cases = [recipe_case(name) for name in CONFIGS]
-    cases.append(recipe_case('vit_b16.py', label=' 384 px', image_size=384))  # 577 tokens
-    cases.append(recipe_case('deit_b16.py', topology='a100x1'))
-    # Tiny models of each family, train and eval steps: bf16 (cuDNN) and fp32 (XLA's attention), 1 and 8 GPUs.
-    tiny = {'vit': ('quickstart.py', {}),
-            'deit_distilled': ('deit_ti16_distilled.py', {**TEACHER, 'distillation.teacher.model.hidden_size': 64,
-                                                          'distillation.teacher.model.num_heads': 2,
-                                                          'distillation.teacher.model.mlp_dim': 128,
-                                                          'distillation.teacher.model.num_layers': 1,
-                                                          'image_size': 32, 'distillation.teacher.image_size': 32}),
-            't2t': ('t2t_vit_14.py', {'image_size': 64, 'model.token_dim': 16}),
-            'hybrid': ('r50_vit_b16.py', {'image_size': 64, 'model.resnet_width': 0.5}),
-            'mae': ('mae_vit_b16.py', {'image_size': 32, 'model.patch_size': 8, 'mae.decoder_width': 32,
-                                       'mae.decoder_depth': 1, 'mae.decoder_heads': 2})}
-    for family, (config, overrides) in tiny.items():
-        for dtype in ('bfloat16', 'float32'):
-            for topology, mesh in (('h100x1', {}), ('h100x8', {'mesh.data': 8}),
-                                   ('h100x8', {'mesh.data': 1, 'mesh.fsdp': 8}), ('a100x1', {})):
-                if (topology == 'h100x8' or topology == 'a100x1') and family not in ('vit', 'deit_distilled'):
-                    continue
-                name = f'{family} {dtype} {topology} {"fsdp" if mesh.get("mesh.fsdp") else "data"}'
-                cases.append({'name': name, 'config': f'configs/{config}', 'topology': topology,
-                              'overrides': {**TINY, **overrides, **mesh, 'model.dtype': dtype}})
-    return run_cases('gpu', cases, tmp_path_factory.mktemp('gpu'))
+def gpu(request, tmp_path_factory):
+    cases = [{**case, 'slow': name not in FAST_RECIPES} for name, case in RECIPES.items()]
+    cases += [{**case, 'slow': name not in FAST_TINY} for name, case in TINY.items()]
+    return run_cases('gpu', cases, tmp_path_factory.mktemp('gpu'), request)
 
 
-@pytest.mark.parametrize('name', CONFIGS + ['vit_b16.py 384 px', 'deit_b16.py on an A100'])
+@pytest.mark.parametrize('name', tiered(RECIPES, FAST_RECIPES))
 def test_every_recipe_trains_with_cudnn_attention_on_a_gpu(gpu, name):
     """Each shipped recipe's train step (bf16, at its own resolution; 197, 198, 257 or 577 tokens, MAE's kept
     patches) compiles for a GPU with cuDNN's fused attention forward and backward, and nothing of the CPU's."""
-    key = {'vit_b16.py 384 px': 'vit_b16.py 384 px@h100x1', 'deit_b16.py on an A100': 'deit_b16.py@a100x1'}.get(name)
-    result = ok(gpu, key or f'{name}@h100x1')
+    result = ok(gpu, RECIPES[name]['name'])
     train = result['train']
     assert result['attention'] == 'cudnn' and result['platform'].startswith('cuda:')
     assert train['cudnn_attention_calls'] >= 2, 'forward and backward'
     assert train['cpu_kernel_calls'] == 0
     assert 0 < train['total_bytes'] < result['chip_memory_bytes']
+    if 'A100' in name:
+        assert result['platform'] == 'cuda:8.0'
 
 
-@pytest.mark.parametrize('family', ['vit', 'deit_distilled', 't2t', 'hybrid', 'mae'])
-@pytest.mark.parametrize('dtype', ['bfloat16', 'float32'])
-def test_tiny_models_compile_for_gpus(gpu, family, dtype):
+@pytest.mark.parametrize('name', tiered(TINY, FAST_TINY))
+def test_tiny_models_compile_for_gpus(gpu, name):
     """Train and eval steps of each family compile for one H100; ViT and DeiT also for 8 H100s (data and fsdp
     meshes) and an A100. bf16 runs cuDNN's attention, fp32 XLA's (cuDNN takes no fp32)."""
-    names = [k for k in gpu if k.startswith(f'{family} {dtype} ')]
-    assert names
-    for name in names:
-        result = ok(gpu, name)
-        calls = result['train']['cudnn_attention_calls'] + result['eval']['cudnn_attention_calls']
-        if dtype == 'bfloat16':
-            assert result['attention'] == 'cudnn' and calls >= 3, name  # train fwd + bwd, eval fwd
-        else:
-            assert result['attention'] == 'xla' and calls == 0, name
-        assert result['train']['cpu_kernel_calls'] == result['eval']['cpu_kernel_calls'] == 0, name
-        assert result['eval']['total_bytes'] > 0, name
-        if ' h100x8 ' in name:
-            sharded = result['train']['collectives']
-            assert sharded['all-reduce']['count'] + sharded['reduce-scatter']['count'] > 0, name
-            assert result['mesh'] == ({'data': 1, 'fsdp': 8, 'tensor': 1} if name.endswith('fsdp') else
-                                      {'data': 8, 'fsdp': 1, 'tensor': 1})
-        if ' a100x1 ' in name:
-            assert result['platform'] == 'cuda:8.0'
-
-
+    result = ok(gpu, name)
+    calls = result['train']['cudnn_attention_calls'] + result['eval']['cudnn_attention_calls']
+    if ' bfloat16 ' in name:
+        assert result['attention'] == 'cudnn' and calls >= 3  # train fwd + bwd, eval fwd
+    else:
+        assert result['attention'] == 'xla' and calls == 0
+    assert result['train']['cpu_kernel_calls'] == result['eval']['cpu_kernel_calls'] == 0
+    assert result['eval']['total_bytes'] > 0
+    if ' h100x8 ' in name:
+        sharded = result['train']['collectives']
+        assert sharded['all-reduce']['count'] + sharded['reduce-scatter']['count'] > 0
+        assert result['mesh'] == ({'data': 1, 'fsdp': 8, 'tensor': 1} if name.endswith('fsdp') else
+                                  {'data': 8, 'fsdp': 1, 'tensor': 1})
+    if ' a100x1 ' in name:
+        assert result['platform'] == 'cuda:8.0'

@@ -7,30 +7,38 @@ from aot_cases import REPO, SMALL, ok, run_cases
 from vit_jax.aot import saved, targets
 
 
+# Each case has a fast twin, or is fast itself: `make test` compiles quickstart (the saved file, FLOPs), ViT-B/16 at
+# 64 px (fsdp against data parallelism), two slices and ViT-L/16's refusal; `make test-slow` the same at the recipes'
+# own sizes (ViT-Ti/16 unrolled, ViT-B/16 at 224 px) and the remedies compiled for ViT-L/16.
+B16 = {**SMALL, 'batch_size': 64, 'eval_batch_size': 64, 'model.dtype': 'bfloat16'}
+VIT_L16 = {**SMALL, 'model.dtype': 'bfloat16', 'batch_size': 256, 'model.hidden_size': 1024, 'model.num_heads': 16,
+           'model.mlp_dim': 4096, 'model.num_layers': 24}
+
+
 @pytest.fixture(scope='module')
-def tpu(tmp_path_factory):
+def tpu(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp('tpu')
-    b16 = {**SMALL, 'batch_size': 64, 'eval_batch_size': 64, 'model.dtype': 'bfloat16'}
     cases = [
         {'name': 'quickstart', 'config': 'configs/quickstart.py', 'topology': 'v5e-4', 'save': str(tmp / 'q.aot')},
         # Unrolled: XLA's cost analysis counts a scanned body once (the report then takes the model's FLOPs).
-        {'name': 'vit_ti16', 'config': 'configs/vit_ti16.py', 'topology': 'v5e-4',
-         'overrides': {**b16, 'model.scan_layers': False}, 'eval': False},
-        {'name': 'vit_b16 fsdp=1', 'config': 'configs/vit_b16.py', 'topology': 'v5e-4', 'eval': False,
-         'overrides': {**b16, 'mesh.data': 4, 'mesh.fsdp': 1}},
-        {'name': 'vit_b16 fsdp=4', 'config': 'configs/vit_b16.py', 'topology': 'v5e-4', 'eval': False,
-         'overrides': {**b16, 'mesh.data': 1, 'mesh.fsdp': 4}},
+        {'name': 'vit_ti16', 'config': 'configs/vit_ti16.py', 'topology': 'v5e-4', 'slow': True,
+         'overrides': {**B16, 'model.scan_layers': False}, 'eval': False},
         {'name': 'two slices', 'config': 'configs/quickstart.py', 'topology': 'v5e-4', 'num_slices': 2,
          'eval': False},
         {'name': 'vit_l16 too big', 'config': 'configs/vit_b16.py', 'topology': 'v5e-1', 'eval': False,
-         'remedies': True, 'overrides': {**SMALL, 'model.dtype': 'bfloat16', 'batch_size': 256,
-                                         'model.hidden_size': 1024, 'model.num_heads': 16, 'model.mlp_dim': 4096,
-                                         'model.num_layers': 24}},
+         'overrides': VIT_L16},
+        {'name': 'vit_l16 too big, remedies', 'config': 'configs/vit_b16.py', 'topology': 'v5e-1', 'eval': False,
+         'remedies': True, 'slow': True, 'overrides': VIT_L16},
     ]
-    return run_cases('tpu', cases, tmp), tmp
+    for size, slow in ((64, False), (224, True)):
+        for fsdp in (1, 4):
+            cases.append({'name': f'vit_b16 {size} px fsdp={fsdp}', 'config': 'configs/vit_b16.py', 'slow': slow,
+                          'topology': 'v5e-4', 'eval': False,
+                          'overrides': {**B16, 'image_size': size, 'mesh.data': 4 // fsdp, 'mesh.fsdp': fsdp}})
+    return run_cases('tpu', cases, tmp, request), tmp
 
 
-@pytest.mark.parametrize('name', ['quickstart', 'vit_ti16'])
+@pytest.mark.parametrize('name', ['quickstart', pytest.param('vit_ti16', marks=pytest.mark.slow)])
 def test_compiles_for_tpu_v5e_with_memory_and_flops(tpu, name):
     """The steps compile for 4 TPU v5e chips (data parallel); memory and FLOPs are positive and the compiled FLOPs per
     image are 3x the analytic forward count within 10%."""
@@ -46,9 +54,10 @@ def test_compiles_for_tpu_v5e_with_memory_and_flops(tpu, name):
     assert estimate['step_seconds'] > 0 and 0 < estimate['mfu'] <= 1 and estimate['flops_source'] == 'compiled'
 
 
-def test_fsdp_shards_the_arguments(tpu):
+@pytest.mark.parametrize('size', [64, pytest.param(224, marks=pytest.mark.slow)])
+def test_fsdp_shards_the_arguments(tpu, size):
     """fsdp=4 on 4 chips holds a quarter of the parameters and optimizer state per chip: <= 0.3x of fsdp=1."""
-    replicated, sharded = ok(tpu[0], 'vit_b16 fsdp=1'), ok(tpu[0], 'vit_b16 fsdp=4')
+    replicated, sharded = ok(tpu[0], f'vit_b16 {size} px fsdp=1'), ok(tpu[0], f'vit_b16 {size} px fsdp=4')
     assert sharded['train']['argument_bytes'] <= 0.3 * replicated['train']['argument_bytes']
     # and the activations stay split over the batch (encoder.token_sharding): no more memory than data parallelism
     assert sharded['train']['total_bytes'] < replicated['train']['total_bytes'] and sharded['fits']
@@ -62,10 +71,18 @@ def test_multi_slice_crosses_slices_on_the_data_axis(tpu):
     assert result['devices'] == 8 and result['mesh']['data'] == 8
 
 
-def test_a_model_that_does_not_fit_gets_a_remedy_that_was_compiled_and_fits(tpu):
-    """ViT-L/16 at batch 256 on one v5e chip (16 GiB) does not fit; the remedies are tried in order, and the one
-    printed fits according to its own compile."""
+def test_a_model_that_does_not_fit_is_reported_as_not_fitting(tpu):
+    """ViT-L/16 at batch 256 on one v5e chip (16 GiB): the TPU compiler refuses it (RESOURCE_EXHAUSTED), and the
+    report says it does not fit, with what it would need, instead of failing."""
     result = ok(tpu[0], 'vit_l16 too big')
+    assert not result['fits'] and result['headroom_bytes'] < 0
+    assert result['train']['total_bytes'] > targets.CHIPS['v5e'].memory_bytes
+
+
+@pytest.mark.slow  # three ViT-L/16 compiles; tests/test_aot.py checks the search order with a stand-in compiler
+def test_a_model_that_does_not_fit_gets_a_remedy_that_was_compiled_and_fits(tpu):
+    """The remedies are tried in order, and the one printed fits according to its own compile."""
+    result = ok(tpu[0], 'vit_l16 too big, remedies')
     assert not result['fits']
     remedies = result['remedies']
     assert remedies and remedies[-1]['fits'] and all(not r['fits'] for r in remedies[:-1])
