@@ -52,6 +52,8 @@ def main_command(workdir, data_dir, *overrides):
             '--config.checkpoint_every=20', '--config.log_every=10', '--config.eval_every=80', *overrides]
 
 
+@pytest.mark.slow  # ~100 s, three runs of 240 steps; the SIGTERM test below and the in-process exact-resume tests
+# (test_resume_guards, test_distillation, test_self_supervised) take the same restore path in `make test`
 def test_kill_minus_nine_then_resume_equals_an_uninterrupted_run(tmp_path, data_dir):
     env = dict(os.environ, JAX_PLATFORMS='cpu')
     reference = tmp_path / 'uninterrupted'
@@ -124,9 +126,10 @@ def tiny(config, data_dir):
     return config
 
 
-# Slow: the hybrid (its ResNet stem compiles for ~50 s even at this size), T2T (~30 s) and deit_b16 (deit_s16's
-# recipe at another width); their forward passes are in tests/test_models.py.
-SLOW_CONFIGS = ('r50_vit_b16', 't2t_vit_14', 'deit_b16')
+# Slow: the hybrid (its ResNet stem compiles for ~50 s even at this size), T2T (~30 s), and the recipes whose code
+# path another one takes at another size: deit_b16 (deit_s16's), vit_s16 (vit_ti16's), finetune_from_mpp
+# (finetune_vit_b16's with a vit_jax workdir to load); the forward passes are in tests/test_models.py.
+SLOW_CONFIGS = ('r50_vit_b16', 't2t_vit_14', 'deit_b16', 'vit_s16', 'finetune_from_mpp')
 
 
 @pytest.mark.parametrize('name', [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_CONFIGS else n
