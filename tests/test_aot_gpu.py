@@ -1,6 +1,7 @@
 """The GPU path, compiled by the real GPU compiler on this CPU (deviceless AOT, jax-cuda12-plugin in its own prefix):
 every shipped recipe's train step compiles for an H100 with cuDNN's fused attention at its own token count, and tiny
-models of each family compile for H100 and A100 meshes in bf16 (cuDNN) and fp32 (XLA's attention)."""
+models of each family compile for H100 and A100 meshes in bf16 (cuDNN) and fp32 (XLA's attention). `make test`
+compiles one case per path (FAST_RECIPES, FAST_TINY), `make test-slow` the others."""
 
 import jax
 import jax.numpy as jnp
