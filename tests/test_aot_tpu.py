@@ -79,7 +79,7 @@ def test_a_model_that_does_not_fit_is_reported_as_not_fitting(tpu):
     assert result['train']['total_bytes'] > targets.CHIPS['v5e'].memory_bytes
 
 
-@pytest.mark.slow  # three ViT-L/16 compiles; tests/test_aot.py checks the search order with a stand-in compiler
+@pytest.mark.slow  # ViT-L/16 compiled per remedy; test_aot.py checks the search order with a stand-in compiler
 def test_a_model_that_does_not_fit_gets_a_remedy_that_was_compiled_and_fits(tpu):
     """The remedies are tried in order, and the one printed fits according to its own compile."""
     result = ok(tpu[0], 'vit_l16 too big, remedies')
