@@ -38,9 +38,10 @@ demo: $(STAMP)
 # A worker that dies (a kernel's SIGILL, a segfault) fails its test by name and is not restarted: the run ends, failed.
 PYTEST_PARALLEL := -n 2 --dist loadfile --max-worker-restart 0
 
-# The fast tier compiles for the CPU without most of XLA's optimisation passes (a third less time; the numbers each
-# test compares are computed under the same flag); the slow tier, `make test-slow`, compiles as users' runs do. The
-# TPU and GPU compiles of the AOT tests always optimise fully (vit_jax/aot/compilers.py).
+# The fast tier compiles for the CPU with LLVM at -O0 (JAX_DISABLE_MOST_OPTIMIZATIONS: XLA's HLO passes still run, so
+# the compiled programs the tests read are the same; their machine code is slower, and compiles take a third less
+# time); `make test-slow` compiles as users' runs do, and the AOT tests' TPU and GPU compiles always optimise fully
+# (vit_jax/aot/compilers.py).
 test: $(STAMP) aot-compilers
 	JAX_DISABLE_MOST_OPTIMIZATIONS=1 $(PY) -m pytest $(PYTEST_PARALLEL) -q
 

@@ -39,8 +39,8 @@ ENVIRONMENT = {
 # for some small dots (f32[272,64], bf16[64,64] in jax 0.10.2: "Couldn't find output tile sizes"), so matmuls go to
 # cuBLAS; the memory plan and the attention calls are what they would be.
 XLA_FLAGS = {'tpu': (), 'gpu': ('--xla_gpu_enable_triton_gemm=false',)}
-# Full optimisations whatever the caller's environment: the report is of the program a pod would run (its memory and
-# FLOPs), not of a debugging build.
+# Full optimisation whatever the caller's environment (`make test` sets JAX_DISABLE_MOST_OPTIMIZATIONS=1 for its CPU
+# compiles): the report is of the program a pod would run, not of a quick build.
 COMMON_ENVIRONMENT = {'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '3', 'JAX_DISABLE_MOST_OPTIMIZATIONS': '0'}
 
 # Lines the plugins print about the hardware that is not there; dropped from the child's stderr.
