@@ -21,10 +21,12 @@ install: $(STAMP)
 
 # The TPU and GPU compilers (libtpu, 0.7 GB; jax-cuda12-plugin with CUDA and cuDNN, 4.9 GB) for `python -m
 # vit_jax.aot` and its tests, each in its own prefix beside the environment, never on an ordinary command's path
-# (vit_jax/aot/compilers.py); installed once, about a minute here.
+# (vit_jax/aot/compilers.py); installed once, about a minute here (the command skips an installed one; the
+# touch keeps make from asking again).
 COMPILERS := $(VENV)/vit_jax_compilers
 $(COMPILERS)/%/.vit_jax_installed: $(STAMP)
 	$(PY) -m vit_jax.aot --install $*
+	touch $@
 
 aot-compilers: $(COMPILERS)/tpu/.vit_jax_installed $(COMPILERS)/gpu/.vit_jax_installed
 

@@ -34,12 +34,11 @@ def selected_tiers(request) -> set[bool]:
             if getattr(item, 'module', None) is request.module}
 
 
-def run_cases(kind: str, cases: list[dict], tmp: pathlib.Path, request=None) -> dict:
-    """Compiles ``cases`` in one process with the ``kind`` compiler; {name: report or {'error', 'traceback'}}. With
-    ``request``, only the cases of the selected tiers (a case dict's ``slow``)."""
-    if request is not None:
-        tiers = selected_tiers(request)
-        cases = [c for c in cases if c.get('slow', False) in tiers]
+def run_cases(kind: str, cases: list[dict], tmp: pathlib.Path, request) -> dict:
+    """Compiles, in one process with the ``kind`` compiler, the ``cases`` of the tiers the run selected (a case dict's
+    ``slow``); {name: report or {'error', 'traceback'}}."""
+    tiers = selected_tiers(request)
+    cases = [c for c in cases if c.get('slow', False) in tiers]
     pathlib.Path(TEACHER_PATH).touch()
     if not compilers.installed(kind):
         pytest.fail(f'the {kind} compiler is not installed: `make test` installs it (python -m vit_jax.aot '

@@ -188,12 +188,15 @@ def test_model_and_recipe_tables_are_what_the_code_prints():
             assert table == models, f'{path.relative_to(REPO)}: rerun python -m vit_jax.models --markdown'
     assert found, 'no document holds the model table'
     recipe_report = recipes.report(markdown=True).strip()
+    found = False
     for path in DOCS:
         text = path.read_text()
-        if '### configs/' in text:
-            start = text.index('### configs/')
-            assert text[start:start + len(recipe_report)] == recipe_report, (
+        heading = re.search(r'^### configs/', text, re.M)
+        if heading:
+            found = True
+            assert text[heading.start():].rstrip('\n') == recipe_report, (
                 f'{path.relative_to(REPO)}: rerun python -m vit_jax.recipes --markdown')
+    assert found, 'no document holds the recipes report'
 
 
 def test_config_reference_is_current_and_complete():

@@ -81,6 +81,6 @@ def load(path: str, config, devices=None) -> tuple[Any, Any]:
                          f'{here["device_kind"]}.')
     if devices[0].platform == 'cpu':
         # A CPU program may call the kernels' FFI targets, which exist once their libraries are loaded.
-        from vit_jax.kernels import cpu_attention, cpu_gemm
-        cpu_attention._registered(), cpu_attention._blas_registered(), cpu_gemm._registered()
+        from vit_jax import kernels
+        kernels.register_targets()
     return tuple(serialize_executable.deserialize_and_load(*payload[name]) for name in ('train', 'eval'))

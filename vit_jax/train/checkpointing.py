@@ -220,15 +220,14 @@ def quiet_orbax_failures() -> Iterator[None]:
     asyncio_level = logging.getLogger('asyncio').level
     logging.getLogger('asyncio').setLevel(logging.CRITICAL)
     sys.unraisablehook = lambda _: None
-    failed = False
     try:
         yield
     except BaseException:
-        failed = True
+        # The abandoned coroutines complain when collected: now, while silenced. Only after a failure: a full
+        # collection of a large heap takes seconds, too long for every save.
+        gc.collect()
         raise
     finally:
-        if failed:  # the abandoned coroutines complain when collected: now, while silenced (a full collection of a
-            gc.collect()  # large heap takes seconds, so not after every save)
         sys.unraisablehook = _without_closed_loop_noise(previous_hook)
         logging.getLogger('asyncio').setLevel(asyncio_level)
         for lg in loggers:
