@@ -79,11 +79,8 @@ def check_config_flags(argv: list[str], main_flags: bool = False) -> None:
             config_args.append(f'{token}={argv[i + 1]}' if takes_value else token)
             i += 2 if takes_value else 1
             continue
-        if token.startswith('--'):
+        if token.startswith('--'):  # another flag (its value, the next token, matches neither branch)
             others.append(token[2:].split('=')[0])
-            i += 2 if takes_value and token[2:] in ('workdir', 'coordinator_address', 'num_processes',
-                                                    'process_id', 'compiled') else 1
-            continue
         i += 1
     if main_flags:
         import vit_jax.main
