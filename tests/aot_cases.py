@@ -2,6 +2,8 @@
 
 import json
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -19,6 +21,12 @@ TEACHER_PATH = '/tmp/vit_jax_aot_test_teacher.npz'
 TEACHER = {'distillation.teacher.model_name': 'deit_ti16', 'distillation.teacher.path': TEACHER_PATH}
 TINY = {'model.hidden_size': 64, 'model.num_heads': 2, 'model.mlp_dim': 128, 'model.num_layers': 2,
         'batch_size': 16, 'eval_batch_size': 16, 'optimizer.warmup_steps': 1, 'total_steps': 10}
+
+
+def aot(*args, timeout=600) -> subprocess.CompletedProcess:
+    """``python -m vit_jax.aot ARGS`` from the repository, as a user types it."""
+    return subprocess.run([sys.executable, '-m', 'vit_jax.aot', *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
 
 
 def recipe_case(name: str, topology: str = 'h100x1', label: str = '', **overrides) -> dict:

@@ -1,5 +1,6 @@
-"""``python -m vit_jax.aot``: its report and errors, the compilers kept out of ordinary commands, topology names and
-the HLO reading (the compiled cases are in test_aot_tpu.py and test_aot_gpu.py)."""
+"""``python -m vit_jax.aot``: its errors, the compilers kept out of ordinary commands, topology names, the HLO reading,
+the remedies' search order and a saved executable run by vit_jax.main (the command's report and plan, and the cases
+compiled for TPU and GPU, are in test_aot_tpu.py and test_aot_gpu.py)."""
 
 import json
 import subprocess
@@ -8,32 +9,8 @@ import types
 
 import pytest
 
-from aot_cases import REPO
+from aot_cases import REPO, aot
 from vit_jax.aot import hlo, targets
-
-
-def aot(*args, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, '-m', 'vit_jax.aot', *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
-
-
-@pytest.fixture(scope='module')
-def planned(tmp_path_factory):
-    """One run of the command with --plan (compiling the config, then 2 candidate layouts): its output and JSON."""
-    path = tmp_path_factory.mktemp('plan') / 'plan.json'
-    run = aot('--config', 'configs/quickstart.py', '--topology', 'v5e-4', '--plan', '--plan-budget', '2', '--json',
-              str(path))
-    assert run.returncode == 0, run.stderr
-    return run, json.loads(path.read_text())
-
-
-def test_the_command_prints_the_report_and_nothing_of_the_plugins(planned):
-    run, report = planned
-    assert 'on v5e-4: 4 TPU v5e (4 devices)' in run.stdout and 'FITS' in run.stdout
-    assert 'all-reduce 1 x' in run.stdout
-    for noise in ('TPU_ACCELERATOR_TYPE', 'TPU_WORKER_HOSTNAMES', 'InitGoogle', 'oneDNN'):
-        assert noise not in run.stderr and noise not in run.stdout
-    assert report['topology'] == 'v5e-4' and report['train']['flops'] > 0
 
 
 def test_unknown_topology_and_missing_compiler_are_one_line_each(tmp_path, monkeypatch):
@@ -127,19 +104,6 @@ def test_main_runs_a_saved_executable_and_refuses_another_config(tmp_path):
     refused = main('other', f'--compiled={path}', '--config.batch_size=64')
     assert refused.returncode == 1
     assert 'built for another config: config.batch_size=64 here, 128 in the file' in refused.stderr
-
-
-def test_plan_prints_layouts_that_were_compiled_and_fit(planned):
-    """--plan compiles each candidate layout (here 2, the budget) and prints the fitting ones, fastest first, as
-    ready --config overrides."""
-    run, report = planned
-    assert 'Best layouts (estimated step time, fastest first):' in run.stdout
-    assert '--config.mesh.data=4 --config.mesh.fsdp=1 --config.mesh.tensor=1' in run.stdout
-    assert 'more layouts not compiled: raise --plan-budget' in run.stdout
-    plan = report['plan']
-    assert 1 <= len(plan) <= 2 and all(p['peak_bytes'] > 0 for p in plan)
-    times = [p['estimate']['step_seconds'] for p in plan]
-    assert times == sorted(times)
 
 
 def test_remedies_are_tried_in_order_and_keep_what_did_not_suffice():

@@ -84,6 +84,33 @@ def test_a_build_records_the_instructions_it_needs(monkeypatch, tmp_path):
     assert build.compile_library(cpu_attention.SOURCE) == path  # found again, guard passed
 
 
+def test_processes_that_build_at_once_compile_once(monkeypatch, tmp_path):
+    """Two builds of the same library started together (two xdist workers, the processes of a run on one host): the
+    second waits for the first's and loads it, one compile in all."""
+    import threading
+    import time
+    monkeypatch.setenv('VIT_JAX_CACHE', str(tmp_path / 'cache'))
+    source = tmp_path / 'tiny.cc'
+    source.write_text('extern "C" int vit_jax_tiny() { return 1; }\n')
+    compiles, run = [], subprocess.run
+
+    def slow_compile(cmd, **kwargs):  # holds the build long enough for the other thread to arrive
+        compiles.append(cmd)
+        time.sleep(0.5)
+        return run(cmd, **kwargs)
+
+    monkeypatch.setattr(build.subprocess, 'run', slow_compile)
+    paths = [None, None]
+    threads = [threading.Thread(target=lambda i=i: paths.__setitem__(i, build.compile_library(source)))
+               for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(compiles) == 1
+    assert paths[0] == paths[1] and paths[0].exists() and pathlib.Path(f'{paths[0]}.isa').exists()
+
+
 def _parallel_flags() -> list[str]:
     """The pytest-xdist flags `make test` runs with (the Makefile's PYTEST_PARALLEL)."""
     makefile = (pathlib.Path(__file__).parents[1] / 'Makefile').read_text()

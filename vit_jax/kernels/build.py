@@ -13,6 +13,7 @@ path, with the reason logged) instead of crashing the process.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -160,17 +161,24 @@ def compile_library(source: pathlib.Path, link: tuple[str, ...] = (), defines: t
         raise RuntimeError(f'a build of {source.name} for -march={_march(FLAGS + link)} needs {", ".join(missing)}, '
                            f'which this CPU ({cpu_model()}) lacks')
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Compile to a temporary name and rename: processes building at once (pytest-xdist workers) never load half a file.
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        out = pathlib.Path(tmp) / path.name
-        cmd = [compiler, *FLAGS, *(f'-D{d}' for d in defines), f'-I{jax.ffi.include_dir()}', f'-I{HERE}', str(source),
-               '-o', str(out), *link]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f'{" ".join(cmd)} failed:\n{result.stderr[-2000:]}')
-        # The record first: a library that exists always has one.
-        record = pathlib.Path(tmp) / f'{path.name}.isa'
-        record.write_text(json.dumps({'requires': list(required), 'cpu': cpu_model()}))
-        os.replace(record, f'{path}.isa')
-        os.replace(out, path)
+    # One build at a time per library: processes that start together (pytest-xdist workers, the processes of a run on
+    # one host) wait for the first one's build instead of each compiling the same file.
+    with open(f'{path}.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists():
+            return load_guard(path)
+        # Compiled to a temporary name and renamed: a process that finds the file (above, unlocked) never loads half
+        # of it.
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            out = pathlib.Path(tmp) / path.name
+            cmd = [compiler, *FLAGS, *(f'-D{d}' for d in defines), f'-I{jax.ffi.include_dir()}', f'-I{HERE}',
+                   str(source), '-o', str(out), *link]
+            result = subprocess.run(cmd, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(f'{" ".join(cmd)} failed:\n{result.stderr[-2000:]}')
+            # The record first: a library that exists always has one.
+            record = pathlib.Path(tmp) / f'{path.name}.isa'
+            record.write_text(json.dumps({'requires': list(required), 'cpu': cpu_model()}))
+            os.replace(record, f'{path}.isa')
+            os.replace(out, path)
     return path
