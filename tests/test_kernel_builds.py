@@ -85,8 +85,9 @@ def test_a_build_records_the_instructions_it_needs(monkeypatch, tmp_path):
 
 
 def test_processes_that_build_at_once_compile_once(monkeypatch, tmp_path):
-    """Two builds of the same library started together (two xdist workers, the processes of a run on one host): the
-    second waits for the first's and loads it, one compile in all."""
+    """Two builds of the same library started together (two xdist workers, the processes of a run on one host; here two
+    threads, each with its own handle on the lock file): the second waits for the first's and loads it, one compile in
+    all."""
     import threading
     import time
     monkeypatch.setenv('VIT_JAX_CACHE', str(tmp_path / 'cache'))
