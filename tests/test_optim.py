@@ -62,6 +62,34 @@ def test_decay_mask_reads_names_in_any_tree():
     assert names == sorted(['0/' + n for n in optim.decayed_names(params)] + ['1/decoder/kernel'])
 
 
+def test_layer_decay_scales_as_mae_and_scanned_blocks_like_unrolled_ones():
+    """MAE util/lr_decay.py ``param_groups_lrd``: each update times decay^(L + 1 - layer_id), layer_id 0 for the class
+    token, position and patch embeddings, i + 1 for block i, L + 1 for the rest (final norm, head). The stacked blocks
+    of ``scan_layers`` get block i's scale on slice i."""
+    decay, depth = 0.65, 3
+    scales = {}
+    for scan_layers in (False, True):
+        params = abstract_params('vit_ti16', **dict(TINY, num_layers=depth), mlp_dim=64, scan_layers=scan_layers)
+        ones = jax.tree.map(lambda x: jnp.ones(x.shape, jnp.float32), params)
+        tx = optim.layerwise_lr_decay(decay)
+        updates, _ = tx.update(ones, tx.init(ones))
+        flat, _ = jax.tree_util.tree_flatten_with_path(updates)
+        scales[scan_layers] = {'/'.join(optim.param_names(path)): np.asarray(u) for path, u in flat}
+    unrolled, scanned = scales[False], scales[True]
+    for name in ('class_token', 'pos_embed', 'patch_embed/kernel', 'patch_embed/bias'):
+        np.testing.assert_allclose(unrolled[name], decay ** (depth + 1), rtol=1e-6)
+        np.testing.assert_allclose(scanned[name], decay ** (depth + 1), rtol=1e-6)
+    for name in ('encoder/norm/scale', 'head/kernel', 'head/bias'):
+        assert np.all(unrolled[name] == 1.0) and np.all(scanned[name] == 1.0)
+    block_leaves = [n for n in unrolled if n.startswith('encoder/block_0/')]
+    assert len(block_leaves) >= 8
+    for i in range(depth):
+        for leaf in block_leaves:
+            rest = leaf.removeprefix('encoder/block_0/')
+            np.testing.assert_allclose(unrolled[f'encoder/block_{i}/{rest}'], decay ** (depth - i), rtol=1e-6)
+            np.testing.assert_allclose(scanned[f'encoder/blocks/{rest}'][i], decay ** (depth - i), rtol=1e-6)
+
+
 def opt_config(**overrides) -> ml_collections.ConfigDict:
     opt = config_lib.base_config().optimizer
     opt.update(overrides)
