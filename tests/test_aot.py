@@ -18,8 +18,7 @@ def test_unknown_topology_and_missing_compiler_are_one_line_each(tmp_path, monke
     assert run.returncode == 2 and run.stderr.count('\n') == 1
     assert "unknown topology 'v5x-4'; known: v4-8" in run.stderr and 'h100xN' in run.stderr
     monkeypatch.setenv('VIT_JAX_COMPILERS', str(tmp_path))
-    run = subprocess.run([sys.executable, '-m', 'vit_jax.aot', '--config', 'configs/quickstart.py', '--topology',
-                          'h100x1'], capture_output=True, text=True, cwd=REPO, timeout=60)
+    run = aot('--config', 'configs/quickstart.py', '--topology', 'h100x1', timeout=60)
     assert run.returncode == 2
     assert 'the GPU compiler is not installed' in run.stderr and 'python -m vit_jax.aot --install gpu' in run.stderr
 
