@@ -103,6 +103,7 @@ def test_main_runs_a_saved_executable_and_refuses_another_config(tmp_path):
     refused = main('other', f'--compiled={path}', '--config.batch_size=64')
     assert refused.returncode == 1
     assert 'built for another config: config.batch_size=64 here, 128 in the file' in refused.stderr
+    assert 'JAX devices:' in with_file.stderr and 'JAX devices:' not in refused.stderr  # refused before it starts
 
 
 def test_remedies_are_tried_in_order_and_keep_what_did_not_suffice():
@@ -127,3 +128,30 @@ def test_remedies_are_tried_in_order_and_keep_what_did_not_suffice():
     assert attempts[2].error == 'RESOURCE_EXHAUSTED: stand-in refusal' and attempts[2].compiled is None
     assert attempts[-1].overrides == {'mesh.data': 1, 'mesh.fsdp': -1, 'mesh.tensor': 1, 'model.remat': True,
                                       'optimizer.microbatches': 4}
+
+
+def test_plan_reuses_the_configs_own_compile_for_its_layout():
+    """--plan's first candidate is the config's own layout when its mesh resolves to data parallelism: the command's
+    compile of the config serves for it, and only the other layouts are compiled."""
+    from vit_jax.aot import report
+    from vit_jax.train.config import load_config
+    config = load_config(str(REPO / 'configs' / 'quickstart.py'))  # mesh.data=-1: 4 on 4 chips
+
+    def stand_in(seconds):
+        return types.SimpleNamespace(fits=True, peak_bytes=1, estimate=lambda: {'step_seconds': seconds})
+
+    own = stand_in(2.0)
+    own.mesh_shape = {'data': 4, 'fsdp': 1, 'tensor': 1}
+    tried = []
+
+    def compile_fn(cfg, topology, devices):
+        tried.append((int(cfg.mesh.data), int(cfg.mesh.fsdp), int(cfg.mesh.tensor)))
+        return stand_in(1.0)
+
+    fitting = report.plan(config, targets.parse('v5e-4'), None, heads=3, budget=3, compile_fn=compile_fn,
+                          log=lambda s: None, compiled=own)
+    assert tried == [(2, 2, 1), (1, 4, 1)]  # not (4, 1, 1): that one is the config's own compile
+    assert fitting[-1].compiled is own and len(fitting) == 3  # the slowest estimate: last
+    tried.clear()
+    report.plan(config, targets.parse('v5e-4'), None, heads=3, budget=3, compile_fn=compile_fn, log=lambda s: None)
+    assert tried == [(4, 1, 1), (2, 2, 1), (1, 4, 1)]

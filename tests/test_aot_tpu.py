@@ -11,7 +11,7 @@ from vit_jax.aot import saved, targets
 
 
 # Each case has a fast twin, or is fast itself: `make test` runs the command once on quickstart (its report, plan and
-# saved file, the FLOPs), and compiles ViT-B/16 at 64 px (fsdp against data parallelism), two slices and ViT-L/16's
+# saved file, the FLOPs), and compiles ViT-B/16 at 32 px (fsdp against data parallelism), two slices and ViT-L/16's
 # refusal; `make test-slow` the same at the recipes' own sizes (ViT-Ti/16 unrolled, ViT-B/16 at 224 px) and the
 # remedies compiled for ViT-L/16.
 B16 = {**SMALL, 'batch_size': 64, 'eval_batch_size': 64, 'model.dtype': 'bfloat16'}
@@ -67,11 +67,12 @@ def tpu(request, tmp_path_factory):
         {'name': 'vit_l16 too big, remedies', 'config': 'configs/vit_b16.py', 'topology': 'v5e-1', 'eval': False,
          'remedies': True, 'slow': True, 'overrides': VIT_L16},
     ]
-    for size, slow in ((64, False), (224, True)):
+    for size, batch, slow in ((32, 16, False), (224, 64, True)):  # the fast twin: ViT-B's parameters, few activations
         for fsdp in (1, 4):
             cases.append({'name': f'vit_b16 {size} px fsdp={fsdp}', 'config': 'configs/vit_b16.py', 'slow': slow,
                           'topology': 'v5e-4', 'eval': False,
-                          'overrides': {**B16, 'image_size': size, 'mesh.data': 4 // fsdp, 'mesh.fsdp': fsdp}})
+                          'overrides': {**B16, 'image_size': size, 'batch_size': batch, 'eval_batch_size': batch,
+                                        'mesh.data': 4 // fsdp, 'mesh.fsdp': fsdp}})
     return run_cases('tpu', cases, tmp, request)
 
 
@@ -94,7 +95,7 @@ def test_compiles_for_tpu_v5e_with_memory_and_flops(request, name):
     assert estimate['step_seconds'] > 0 and 0 < estimate['mfu'] <= 1 and estimate['flops_source'] == 'compiled'
 
 
-@pytest.mark.parametrize('size', [64, pytest.param(224, marks=pytest.mark.slow)])
+@pytest.mark.parametrize('size', [32, pytest.param(224, marks=pytest.mark.slow)])
 def test_fsdp_shards_the_arguments(tpu, size):
     """fsdp=4 on 4 chips holds a quarter of the parameters and optimizer state per chip: <= 0.3x of fsdp=1."""
     replicated, sharded = ok(tpu, f'vit_b16 {size} px fsdp=1'), ok(tpu, f'vit_b16 {size} px fsdp=4')

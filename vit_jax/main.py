@@ -50,6 +50,9 @@ def _train(config, workdir: str) -> int:
     # Config errors first: before TensorFlow (~5 s), the devices, the data and any compilation.
     validate_config(config)
     models.model_info(config.model_name)
+    if FLAGS.compiled:
+        from vit_jax.aot import saved
+        saved.check(FLAGS.compiled, config)
     console.import_tensorflow_quietly()
     import jax
     if FLAGS.distributed:

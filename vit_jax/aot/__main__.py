@@ -139,7 +139,7 @@ def _compile_and_report(FLAGS) -> int:
         heads = int(config.model.num_heads or __import__('vit_jax').models.model_info(
             config.model_name).defaults.get('num_heads', 12))
         fitting = report.plan(config, topology, devices, heads, FLAGS.plan_budget,
-                              log=lambda s: print(s, flush=True))
+                              log=lambda s: print(s, flush=True), compiled=compiled)
         result['plan'] = [{'overrides': a.overrides, 'peak_bytes': a.compiled.peak_bytes,
                            'estimate': a.compiled.estimate()} for a in fitting]
         print('Best layouts (estimated step time, fastest first):' if fitting else 'No layout searched fits.')

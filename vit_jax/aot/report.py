@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import itertools
 from typing import Callable, Iterable
 
@@ -153,6 +154,14 @@ def remedies(config: ml_collections.ConfigDict, topology: targets.Topology, devi
     return attempts
 
 
+def _layout_key(config: ml_collections.ConfigDict) -> str:
+    return config.to_json_best_effort(sort_keys=True)
+
+
+def _reuse(compile_fn: Callable, key: str, compiled: aot_compile.Compiled, config, topology, devices):
+    return compiled if _layout_key(config) == key else compile_fn(config, topology, devices)
+
+
 def mesh_options(devices: int, heads: int) -> list[dict[str, int]]:
     """(data, fsdp, tensor) over ``devices``: tensor a divisor of the heads up to 8, fsdp any power of two."""
     out = []
@@ -169,10 +178,17 @@ def mesh_options(devices: int, heads: int) -> list[dict[str, int]]:
 
 
 def plan(config: ml_collections.ConfigDict, topology: targets.Topology, devices, heads: int, budget: int = 24,
-         compile_fn: Callable = aot_compile.compile_config, log: Callable[[str], None] = print) -> list[Attempt]:
+         compile_fn: Callable = aot_compile.compile_config, log: Callable[[str], None] = print,
+         compiled: aot_compile.Compiled | None = None) -> list[Attempt]:
     """Searches mesh shapes x remat x micro-batches for the fastest estimated step that fits: every candidate is
     compiled (at most ``budget`` of them, the cheapest layouts first: less fsdp / tensor, no remat, fewer
-    micro-batches). Returns the fitting attempts, fastest first."""
+    micro-batches). Returns the fitting attempts, fastest first.
+
+    ``compiled``: the config's own compile, which the candidate with the config's layout reuses."""
+    if compiled is not None:  # its layout as the candidates spell it: the mesh resolved, remat None (off) as False
+        own = _layout_key(with_overrides(config, {**{f'mesh.{k}': v for k, v in compiled.mesh_shape.items()},
+                                                  'model.remat': bool(config.model.remat)}))
+        compile_fn = functools.partial(_reuse, compile_fn, own, compiled)
     n = topology.num_devices
     meshes = mesh_options(n, heads)
     meshes.sort(key=lambda m: (m['mesh.tensor'], m['mesh.fsdp']))

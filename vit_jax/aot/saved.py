@@ -54,10 +54,9 @@ def _difference(saved: dict, current: dict, prefix: str = 'config') -> str | Non
     return None
 
 
-def load(path: str, config, devices=None) -> tuple[Any, Any]:
-    """(train step, eval step) from ``path``, for ``config`` on ``devices`` (default: this process's); ValueError
-    naming the first difference in jax version, config or devices."""
-    from jax.experimental import serialize_executable
+def check(path: str, config) -> dict[str, Any]:
+    """The file's contents, if it is one of ``--save`` built with this jax for ``config``; ValueError naming the
+    first difference otherwise. Needs no devices: ``vit_jax.main`` calls it before anything starts."""
     try:
         with open(path, 'rb') as f:
             payload = pickle.load(f)
@@ -73,6 +72,14 @@ def load(path: str, config, devices=None) -> tuple[Any, Any]:
     if difference:
         raise ValueError(f'--compiled={path} was built for another config: {difference}. Compile it again for this '
                          f'config, or run without --compiled.')
+    return payload
+
+
+def load(path: str, config, devices=None) -> tuple[Any, Any]:
+    """(train step, eval step) from ``path``, for ``config`` on ``devices`` (default: this process's); ValueError
+    naming the first difference in jax version, config or devices."""
+    from jax.experimental import serialize_executable
+    payload = check(path, config)
     devices = jax.devices() if devices is None else list(devices)
     here = _devices_of(devices)
     if here != payload['devices']:
