@@ -37,9 +37,8 @@ demo: $(STAMP)
 	$(PY) -m vit_jax.main --config configs/quickstart.py --workdir workdirs/quickstart
 	$(PY) -m vit_jax.export --workdir workdirs/quickstart --out workdirs/quickstart/export
 
-# Whole files per worker, the longest first (the order tests/conftest.py gives them). A worker that dies (a kernel's
-# SIGILL, a segfault) fails its test by name and is not restarted: the run ends, failed.
-PYTEST_PARALLEL := -n 2 --dist loadfile --no-loadscope-reorder --max-worker-restart 0
+# A worker that dies (a kernel's SIGILL, a segfault) fails its test by name and is not restarted: the run ends, failed.
+PYTEST_PARALLEL := -n 2 --dist loadfile --max-worker-restart 0
 
 # The fast tier compiles for the CPU quickly: LLVM at -O0 (JAX_DISABLE_MOST_OPTIMIZATIONS) and XLA's loop emitter for
 # its fusions in place of the newer fusion emitters (half the compile time of a tiny model). XLA's HLO passes still

@@ -55,16 +55,3 @@ def mock_metadata(root: pathlib.Path, name: str, splits: dict[str, int]) -> str:
     pathlib.Path(builder.data_dir).mkdir(parents=True, exist_ok=True)
     builder.info.write_to_directory(builder.data_dir)
     return str(root)
-
-
-# `make test` hands whole files to its two workers (xdist --dist loadfile --no-loadscope-reorder: in the order below).
-# The longest files go first, the compilers' processes and the end-to-end runs, so that no worker starts one of them
-# while the other is nearly done; the rest follow in collection order.
-LONGEST_FIRST = ('test_train.py', 'test_aot_tpu.py', 'test_models.py', 'test_aot_gpu.py', 'test_distillation.py',
-                 'test_self_supervised.py', 'test_bench.py', 'test_sharding.py', 'test_sweep.py',
-                 'test_cpu_attention.py', 'test_aot.py')
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's tests keep their order

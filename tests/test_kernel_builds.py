@@ -118,15 +118,6 @@ def _parallel_flags() -> list[str]:
     return re.search(r'^PYTEST_PARALLEL := (.*)$', makefile, re.M).group(1).split()
 
 
-def test_the_files_make_test_starts_first_exist_and_the_order_is_kept():
-    """conftest.LONGEST_FIRST names real files (a renamed one would silently lose its place), and the Makefile keeps
-    xdist from reordering the files by their number of tests."""
-    import conftest
-    here = pathlib.Path(__file__).parent
-    assert [n for n in conftest.LONGEST_FIRST if not (here / n).exists()] == []
-    assert '--no-loadscope-reorder' in _parallel_flags() and '--dist' in _parallel_flags()
-
-
 def test_a_crashing_test_fails_the_run_with_its_name_instead_of_hanging(tmp_path):
     """What an illegal instruction in a kernel does to `make test`: the worker dies, and the run must end, failed,
     naming the test (xdist's --max-worker-restart 0), with the other tests still reported."""
