@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import itertools
 from typing import Callable, Iterable
 
@@ -154,14 +153,6 @@ def remedies(config: ml_collections.ConfigDict, topology: targets.Topology, devi
     return attempts
 
 
-def _layout_key(config: ml_collections.ConfigDict) -> str:
-    return config.to_json_best_effort(sort_keys=True)
-
-
-def _reuse(compile_fn: Callable, key: str, compiled: aot_compile.Compiled, config, topology, devices):
-    return compiled if _layout_key(config) == key else compile_fn(config, topology, devices)
-
-
 def mesh_options(devices: int, heads: int) -> list[dict[str, int]]:
     """(data, fsdp, tensor) over ``devices``: tensor a divisor of the heads up to 8, fsdp any power of two."""
     out = []
@@ -185,10 +176,10 @@ def plan(config: ml_collections.ConfigDict, topology: targets.Topology, devices,
     micro-batches). Returns the fitting attempts, fastest first.
 
     ``compiled``: the config's own compile, which the candidate with the config's layout reuses."""
-    if compiled is not None:  # its layout as the candidates spell it: the mesh resolved, remat None (off) as False
-        own = _layout_key(with_overrides(config, {**{f'mesh.{k}': v for k, v in compiled.mesh_shape.items()},
-                                                  'model.remat': bool(config.model.remat)}))
-        compile_fn = functools.partial(_reuse, compile_fn, own, compiled)
+    # The config's own layout as a candidate spells it: the mesh resolved, remat None (the model's default) as off.
+    own = None if compiled is None else {**{f'mesh.{k}': v for k, v in compiled.mesh_shape.items()},
+                                         'model.remat': bool(config.model.remat),
+                                         'optimizer.microbatches': int(config.optimizer.microbatches)}
     n = topology.num_devices
     meshes = mesh_options(n, heads)
     meshes.sort(key=lambda m: (m['mesh.tensor'], m['mesh.fsdp']))
@@ -199,7 +190,8 @@ def plan(config: ml_collections.ConfigDict, topology: targets.Topology, devices,
                   for remat, k, m in itertools.product((False, True), micro, meshes)]
     fitting = []
     for overrides in candidates[:budget]:
-        attempt = _attempt(config, topology, devices, overrides, compile_fn)
+        attempt = (Attempt(overrides, compiled) if overrides == own else
+                   _attempt(config, topology, devices, overrides, compile_fn))
         if attempt.compiled is None:
             log(f'  {as_flags(overrides)}: {attempt.error}')
             continue
