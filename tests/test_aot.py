@@ -106,6 +106,54 @@ def test_main_runs_a_saved_executable_and_refuses_another_config(tmp_path):
     assert 'JAX devices:' in with_file.stderr and 'JAX devices:' not in refused.stderr  # refused before it starts
 
 
+def test_a_saved_cpu_executable_is_compiled_afresh_when_the_compilation_cache_holds_it(tmp_path):
+    """With JAX's persistent compilation cache on and already holding the steps, the executables kept for saving are
+    compiled afresh: a CPU executable loaded from the cache serializes without its code (jax 0.10.2), and the saved
+    step failed when it ran (``NOT_FOUND: Function ... not found``). The loaded eval step gives the kept one's sums."""
+    import os
+    import jax
+    import numpy as np
+    from jax.experimental.compilation_cache import compilation_cache
+    from vit_jax.aot import compile as aot_compile, report, saved
+    from vit_jax.train import loop
+    from vit_jax.train.config import load_config
+    config = report.with_overrides(load_config(str(REPO / 'configs' / 'quickstart.py')), {
+        'model.hidden_size': 16, 'model.num_layers': 1, 'model.num_heads': 2, 'model.mlp_dim': 32, 'batch_size': 8,
+        'eval_batch_size': 8, 'total_steps': 2, 'optimizer.warmup_steps': 1})
+    devices = jax.devices()[:1]
+    topology = targets.Topology('cpu-1', targets.Chip('this CPU', 'cpu', 24 * 2 ** 30, 1e12, 1e11), 1)
+    cache = tmp_path / 'xla'
+    settings = {'jax_compilation_cache_dir': str(cache), 'jax_persistent_cache_min_compile_time_secs': 0.0,
+                'jax_persistent_cache_min_entry_size_bytes': 0, 'jax_enable_compilation_cache': True}
+    before = {name: getattr(jax.config, name) for name in settings}
+    try:
+        for name, value in settings.items():
+            jax.config.update(name, value)
+        compilation_cache.reset_cache()
+        aot_compile.compile_config(config, topology, devices)  # puts both steps in the cache
+        assert any(name.startswith('jit_eval_sums') for name in os.listdir(cache))
+        compiled = aot_compile.compile_config(config, topology, devices, keep_executables=True)
+    finally:
+        for name, value in before.items():
+            jax.config.update(name, value)
+        compilation_cache.reset_cache()
+    saved.save(str(tmp_path / 'steps.aot'), compiled)
+    _, eval_step = saved.load(str(tmp_path / 'steps.aot'), config, devices)
+
+    steps = loop.build_steps(config, devices=devices, info=loop.dataset_info_for_compile(config))
+    state, (_, batch) = steps.abstract_state(), steps.batch_shapes()
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: jax.device_put(rng.normal(size=s.shape).astype(s.dtype), s.sharding),
+                          state.params)
+    batch = {'images': rng.normal(size=batch['images'].shape).astype(np.float32),
+             'labels': rng.integers(0, 10, batch['labels'].shape).astype(np.int32),
+             'mask': np.ones(batch['mask'].shape, np.float32)}
+    want = compiled.eval_executable(params, state.objective_params, None, batch)
+    got = eval_step(params, state.objective_params, None, batch)
+    assert float(want['loss']) > 0
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
 def test_remedies_are_tried_in_order_and_keep_what_did_not_suffice():
     """The search with a stand-in compiler (the real one is in test_aot_tpu.py): more fsdp, then remat on top, then
     micro-batches 2, 4, ... on top of both, stopping at the first layout that fits; a layout the compiler refuses is

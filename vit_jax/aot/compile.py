@@ -9,6 +9,7 @@ per device, its FLOP and byte counts, and its collectives (``hlo.collectives``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -79,6 +80,23 @@ def _compile(lowered):
         if 'RESOURCE_EXHAUSTED' not in str(e):
             raise
         return None, time.perf_counter() - start, str(e)
+
+
+@contextlib.contextmanager
+def _fresh_compiles():
+    """Compiles inside skip JAX's persistent compilation cache (``jax_compilation_cache_dir``). With jax 0.10.2, a CPU
+    executable that the cache loaded serializes without its code: the saved step then fails in ``vit_jax.main
+    --compiled`` with ``NOT_FOUND: Function ... not found``. TPU and GPU executables loaded from the cache serialize
+    to the same bytes as fresh ones, so only CPU executables that are kept for saving compile through this."""
+    from jax.experimental.compilation_cache import compilation_cache
+    enabled = jax.config.jax_enable_compilation_cache
+    compilation_cache.reset_cache()  # JAX decides once per process whether to use the cache: decide again
+    jax.config.update('jax_enable_compilation_cache', False)
+    try:
+        yield
+    finally:
+        jax.config.update('jax_enable_compilation_cache', enabled)
+        compilation_cache.reset_cache()
 
 
 def out_of_memory_report(message: str, seconds: float) -> StepReport:
@@ -196,10 +214,11 @@ def compile_config(config: ml_collections.ConfigDict, topology: targets.Topology
     steps = loop.build_steps(config, devices=devices, info=loop.dataset_info_for_compile(config))
     state = steps.abstract_state()
     train_batch, eval_batch = steps.batch_shapes()
-    train, train_seconds, train_refused = _compile(steps.train_step.lower(state, train_batch))
-    evaluate, eval_seconds, eval_refused = (
-        _compile(steps.eval_step.lower(state.params, state.objective_params, state.frozen, eval_batch))
-        if eval_step else (None, 0.0, None))
+    with _fresh_compiles() if keep_executables and topology.platform == 'cpu' else contextlib.nullcontext():
+        train, train_seconds, train_refused = _compile(steps.train_step.lower(state, train_batch))
+        evaluate, eval_seconds, eval_refused = (
+            _compile(steps.eval_step.lower(state.params, state.objective_params, state.frozen, eval_batch))
+            if eval_step else (None, 0.0, None))
     model = steps.model
     tokens = model.grid_size ** 2 + model.num_prefix_tokens
     per_device = max(int(config.batch_size) // max(steps.batch_shards, 1), 1)

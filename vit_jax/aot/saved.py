@@ -90,4 +90,5 @@ def load(path: str, config, devices=None) -> tuple[Any, Any]:
         # A CPU program may call the kernels' FFI targets, which exist once their libraries are loaded.
         from vit_jax import kernels
         kernels.register_targets()
-    return tuple(serialize_executable.deserialize_and_load(*payload[name]) for name in ('train', 'eval'))
+    return tuple(serialize_executable.deserialize_and_load(*payload[name], execution_devices=devices)
+                 for name in ('train', 'eval'))
