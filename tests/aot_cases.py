@@ -23,10 +23,10 @@ TINY = {'model.hidden_size': 64, 'model.num_heads': 2, 'model.mlp_dim': 128, 'mo
         'batch_size': 16, 'eval_batch_size': 16, 'optimizer.warmup_steps': 1, 'total_steps': 10}
 
 
-def aot(*args, timeout=600) -> subprocess.CompletedProcess:
+def aot(*args, timeout=600, env=None) -> subprocess.CompletedProcess:
     """``python -m vit_jax.aot ARGS`` from the repository, as a user types it."""
     return subprocess.run([sys.executable, '-m', 'vit_jax.aot', *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+                          timeout=timeout, cwd=REPO, env=env)
 
 
 def recipe_case(name: str, topology: str = 'h100x1', label: str = '', **overrides) -> dict:

@@ -86,8 +86,8 @@ def _compile(lowered):
 def _fresh_compiles():
     """Compiles inside skip JAX's persistent compilation cache (``jax_compilation_cache_dir``). With jax 0.10.2, a CPU
     executable that the cache loaded serializes without its code: the saved step then fails in ``vit_jax.main
-    --compiled`` with ``NOT_FOUND: Function ... not found``. TPU and GPU executables loaded from the cache serialize
-    to the same bytes as fresh ones, so only CPU executables that are kept for saving compile through this."""
+    --compiled`` with ``NOT_FOUND: Function ... not found``. TPU and GPU targets never meet the cache: their compiler
+    process runs without it (``compilers.COMMON_ENVIRONMENT``)."""
     from jax.experimental.compilation_cache import compilation_cache
     enabled = jax.config.jax_enable_compilation_cache
     compilation_cache.reset_cache()  # JAX decides once per process whether to use the cache: decide again

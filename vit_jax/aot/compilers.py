@@ -40,8 +40,11 @@ ENVIRONMENT = {
 # cuBLAS; the memory plan and the attention calls are what they would be.
 XLA_FLAGS = {'tpu': (), 'gpu': ('--xla_gpu_enable_triton_gemm=false',)}
 # Full optimisation whatever the caller's environment (`make test` sets JAX_DISABLE_MOST_OPTIMIZATIONS=1 for its CPU
-# compiles): the report is of the program a pod would run, not of a quick build.
-COMMON_ENVIRONMENT = {'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '3', 'JAX_DISABLE_MOST_OPTIMIZATIONS': '0'}
+# compiles): the report is of the program a pod would run, not of a quick build. No persistent compilation cache
+# (a JAX_COMPILATION_CACHE_DIR of the caller's): with jax 0.10.2 a deviceless compiler writes its executables there
+# but cannot load them back ("PjRtCompiler must be constructed with a Client"), so a second run only warned.
+COMMON_ENVIRONMENT = {'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '3', 'JAX_DISABLE_MOST_OPTIMIZATIONS': '0',
+                      'JAX_ENABLE_COMPILATION_CACHE': 'false'}
 
 # Lines the plugins print about the hardware that is not there; dropped from the child's stderr.
 NOISE = re.compile(r'TPU_ACCELERATOR_TYPE|TPU_WORKER_HOSTNAMES|worker hostname|Failed to find host bounds|'
