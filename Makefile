@@ -58,4 +58,4 @@ test-multihost: $(STAMP)
 	$(PY) -m pytest -q -m multihost
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .cache

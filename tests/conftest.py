@@ -7,12 +7,15 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 
 def _share_compilations() -> None:
-    """Caches for this test run, its workers and the subprocesses they start (set in the environment before JAX is
-    imported), in a fresh folder removed at exit:
-    - one XLA compilation cache: a killed-and-resumed run, its reference and the sweep's runs compile the same
-      programs, and most of a tiny model's test time is compilation;
-    - the kernels' builds and measured choices (``$VIT_JAX_CACHE``): choices timed while two workers load the CPU
-      must not stay in the user's ``~/.cache/vit_jax`` for later real runs."""
+    """Caches shared by this test run, its workers and the subprocesses they start (set in the environment before
+    JAX is imported):
+    - JAX's persistent compilation cache, kept between runs in ``.cache/tests-xla`` (or ``$VIT_JAX_TESTS_XLA_CACHE``;
+      at most 1 GiB, least recently used first out): a killed-and-resumed run, its reference and the sweep's runs
+      compile the same programs, most of a tiny model's test time is compilation, and a rerun compiles only what
+      changed. The key holds the program, XLA's flags and the jax version, so an entry never outlives what built it;
+    - the kernels' builds and measured choices (``$VIT_JAX_CACHE``), in a fresh folder removed at exit: choices timed
+      while two workers load the CPU must not stay in the user's ``~/.cache/vit_jax`` for later real runs, nor decide
+      a later test run's."""
     if 'VIT_JAX_TESTS_CACHE' in os.environ:  # inherited from the run's first process
         return
     import atexit
@@ -20,8 +23,9 @@ def _share_compilations() -> None:
     import tempfile
     folder = tempfile.mkdtemp(prefix='vit_jax_tests_cache_')
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    xla = os.environ.get('VIT_JAX_TESTS_XLA_CACHE') or str(pathlib.Path(__file__).parents[1] / '.cache' / 'tests-xla')
     os.environ.update(VIT_JAX_TESTS_CACHE=folder, VIT_JAX_CACHE=os.path.join(folder, 'kernels'),
-                      JAX_COMPILATION_CACHE_DIR=os.path.join(folder, 'xla'),
+                      JAX_COMPILATION_CACHE_DIR=xla, JAX_COMPILATION_CACHE_MAX_SIZE=str(2 ** 30),
                       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.2', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
 
 
