@@ -9,10 +9,11 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 def _share_compilations() -> None:
     """Caches shared by this test run, its workers and the subprocesses they start (set in the environment before
     JAX is imported):
-    - JAX's persistent compilation cache, kept between runs in ``.cache/tests-xla`` (or ``$VIT_JAX_TESTS_XLA_CACHE``;
-      at most 1 GiB, least recently used first out): a killed-and-resumed run, its reference and the sweep's runs
-      compile the same programs, most of a tiny model's test time is compilation, and a rerun compiles only what
-      changed. The key holds the program, XLA's flags and the jax version, so an entry never outlives what built it;
+    - JAX's persistent compilation cache, kept between runs in ``.cache/tests-xla`` (or ``$VIT_JAX_TESTS_XLA_CACHE``):
+      a killed-and-resumed run, its reference and the sweep's runs compile the same programs, most of a tiny model's
+      test time is compilation, and a rerun compiles only what changed. The key holds the program, XLA's flags and
+      the jax version, so an entry never serves another build. Kept under 1 GiB here, oldest entries first out (JAX's
+      own size limit takes a file lock around every read and write, and the run's processes waited on it);
     - the kernels' builds and measured choices (``$VIT_JAX_CACHE``), in a fresh folder removed at exit: choices timed
       while two workers load the CPU must not stay in the user's ``~/.cache/vit_jax`` for later real runs, nor decide
       a later test run's."""
@@ -23,10 +24,24 @@ def _share_compilations() -> None:
     import tempfile
     folder = tempfile.mkdtemp(prefix='vit_jax_tests_cache_')
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    xla = os.environ.get('VIT_JAX_TESTS_XLA_CACHE') or str(pathlib.Path(__file__).parents[1] / '.cache' / 'tests-xla')
+    xla = pathlib.Path(os.environ.get('VIT_JAX_TESTS_XLA_CACHE') or pathlib.Path(__file__).parents[1] / '.cache'
+                       / 'tests-xla')
+    _keep_under(xla, 2 ** 30)
     os.environ.update(VIT_JAX_TESTS_CACHE=folder, VIT_JAX_CACHE=os.path.join(folder, 'kernels'),
-                      JAX_COMPILATION_CACHE_DIR=xla, JAX_COMPILATION_CACHE_MAX_SIZE=str(2 ** 30),
+                      JAX_COMPILATION_CACHE_DIR=str(xla),
                       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.2', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+
+
+def _keep_under(folder: pathlib.Path, limit: int) -> None:
+    """Deletes the oldest files of ``folder`` until the rest hold at most ``limit`` bytes (before any process of the
+    run reads it)."""
+    files = sorted(folder.glob('*'), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+    total = sum(p.stat().st_size for p in files)
+    for path in files:
+        if total <= limit:
+            break
+        total -= path.stat().st_size
+        path.unlink(missing_ok=True)
 
 
 _share_compilations()
