@@ -70,6 +70,10 @@ ENTRY %main (a: f32[8]) -> f32[8] {
     assert got['all-to-all'] == {'count': 0, 'bytes': 0.0}
 
 
+# A CPU target, the one a test can run a compiled step on (the TPU and GPU ones are in test_aot_tpu/gpu.py).
+THIS_CPU = targets.Topology('cpu-1', targets.Chip('this CPU', 'cpu', 24 * 2 ** 30, 1e12, 1e11), 1)
+
+
 def test_main_runs_a_saved_executable_and_refuses_another_config(tmp_path):
     """Compiled ahead of time (here for this CPU, the one target a test can run) and saved, the steps run in
     ``vit_jax.main --compiled`` with the same losses as a run that compiles them itself; another config is refused
@@ -82,8 +86,7 @@ def test_main_runs_a_saved_executable_and_refuses_another_config(tmp_path):
                  'checkpoint_every': 6}
     config = report.with_overrides(load_config(str(REPO / 'configs' / 'quickstart.py')), overrides)
     devices = jax.devices()[:1]  # what the subprocess sees
-    chip = targets.Chip('this CPU', 'cpu', 24 * 2 ** 30, 1e12, 1e11)
-    compiled = aot_compile.compile_config(config, targets.Topology('cpu-1', chip, 1), devices, keep_executables=True)
+    compiled = aot_compile.compile_config(config, THIS_CPU, devices, keep_executables=True)
     path = tmp_path / 'steps.aot'
     saved.save(str(path), compiled)
 
@@ -121,7 +124,6 @@ def test_a_saved_cpu_executable_is_compiled_afresh_when_the_compilation_cache_ho
         'model.hidden_size': 16, 'model.num_layers': 1, 'model.num_heads': 2, 'model.mlp_dim': 32, 'batch_size': 8,
         'eval_batch_size': 8, 'total_steps': 2, 'optimizer.warmup_steps': 1})
     devices = jax.devices()[:1]
-    topology = targets.Topology('cpu-1', targets.Chip('this CPU', 'cpu', 24 * 2 ** 30, 1e12, 1e11), 1)
     cache = tmp_path / 'xla'
     settings = {'jax_compilation_cache_dir': str(cache), 'jax_persistent_cache_min_compile_time_secs': 0.0,
                 'jax_persistent_cache_min_entry_size_bytes': 0, 'jax_enable_compilation_cache': True}
@@ -130,9 +132,9 @@ def test_a_saved_cpu_executable_is_compiled_afresh_when_the_compilation_cache_ho
         for name, value in settings.items():
             jax.config.update(name, value)
         compilation_cache.reset_cache()
-        aot_compile.compile_config(config, topology, devices)  # puts both steps in the cache
+        aot_compile.compile_config(config, THIS_CPU, devices)  # puts both steps in the cache
         assert any(name.startswith('jit_eval_sums') for name in os.listdir(cache))
-        compiled = aot_compile.compile_config(config, topology, devices, keep_executables=True)
+        compiled = aot_compile.compile_config(config, THIS_CPU, devices, keep_executables=True)
     finally:
         for name, value in before.items():
             jax.config.update(name, value)
