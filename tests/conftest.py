@@ -51,6 +51,15 @@ import jax  # noqa: E402
 # Must happen before JAX's first use: lets the sharding tests build a (data, model) mesh on a CPU-only machine.
 jax.config.update('jax_num_cpu_devices', 8)
 
+import orbax.checkpoint as ocp  # noqa: E402
+
+# The 8 fake devices share this host's memory, so orbax's replica-parallel saving (its default off GPUs) writes nothing
+# in parallel: it cuts each replicated array into 8 slices, one compiled program per shape and slice, and a tiny
+# model's first checkpoint took seconds of compiling. Each array is written whole by its first replica instead (the
+# files are the same; `python -m vit_jax.main` runs on the real devices keep orbax's default).
+ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False),
+                                        override=True)
+
 import pytest  # noqa: E402
 
 FIXTURES = pathlib.Path(__file__).parent / 'fixtures'
