@@ -54,11 +54,13 @@ jax.config.update('jax_num_cpu_devices', 8)
 import orbax.checkpoint as ocp  # noqa: E402
 
 # The 8 fake devices share this host's memory, so orbax's replica-parallel saving (its default off GPUs) writes nothing
-# in parallel: it cuts each replicated array into 8 slices, one compiled program per shape and slice, and a tiny
-# model's first checkpoint took seconds of compiling. Each array is written whole by its first replica instead (the
-# files are the same; `python -m vit_jax.main` runs on the real devices keep orbax's default).
-ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False),
-                                        override=True)
+# in parallel: it cuts each replicated array into 8 slices, one compiled program per shape and slice, seconds of
+# compiling at a tiny model's first checkpoint. Here its array handler writes each array whole from the first replica
+# (the same checkpoint layout and values; the rest of the handler is orbax's). `python -m vit_jax.main` keeps orbax's
+# default.
+_arrays = ocp.type_handlers.get_type_handler(jax.Array)
+assert hasattr(_arrays, '_use_replica_parallel'), 'orbax renamed ArrayHandler._use_replica_parallel: update conftest'
+_arrays._use_replica_parallel = False
 
 import pytest  # noqa: E402
 
