@@ -229,7 +229,7 @@ def quiet_orbax_failures() -> Iterator[None]:
         yield
     except BaseException:
         # The abandoned coroutines complain when collected: now, while silenced. A full collection of a large heap
-        # took seconds (tens of seconds in a test worker), hence the freeze above.
+        # took seconds, hence the freeze above.
         gc.collect()
         raise
     finally:
