@@ -220,21 +220,14 @@ def quiet_orbax_failures() -> Iterator[None]:
     asyncio_level = logging.getLogger('asyncio').level
     logging.getLogger('asyncio').setLevel(logging.CRITICAL)
     sys.unraisablehook = lambda _: None
-    # The objects that exist before the read or write are set aside from the collector meanwhile (unless the process
-    # froze some itself), so that the collection after a failure scans only what the read or write made.
-    freeze = gc.get_freeze_count() == 0
-    if freeze:
-        gc.freeze()
     try:
         yield
     except BaseException:
-        # The abandoned coroutines complain when collected: now, while silenced. A full collection of a large heap
-        # took seconds, hence the freeze above.
+        # The abandoned coroutines complain when collected: now, while silenced. Only after a failure: a full
+        # collection of a large heap takes seconds, too long for every save.
         gc.collect()
         raise
     finally:
-        if freeze:
-            gc.unfreeze()
         sys.unraisablehook = _without_closed_loop_noise(previous_hook)
         logging.getLogger('asyncio').setLevel(asyncio_level)
         for lg in loggers:
