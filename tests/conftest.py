@@ -53,8 +53,8 @@ jax.config.update('jax_num_cpu_devices', 8)
 
 import orbax.checkpoint as ocp  # noqa: E402
 
-# The 8 fake devices share this host's memory, so orbax's replica-parallel saving (its default off GPUs) writes nothing
-# in parallel: it cuts each replicated array into 8 slices, one compiled program per shape and slice, seconds of
+# The 8 fake devices share this host's memory, so orbax's replica-parallel saving (on by default except on GPUs) writes
+# nothing in parallel: it cuts each replicated array into 8 slices, one compiled program per shape and slice, seconds of
 # compiling at a tiny model's first checkpoint. Here its array handler writes each array whole from the first replica
 # (the same checkpoint layout and values; the rest of the handler is orbax's). `python -m vit_jax.main` keeps orbax's
 # default.
