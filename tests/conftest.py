@@ -35,12 +35,12 @@ def _share_compilations() -> None:
 def _keep_under(folder: pathlib.Path, limit: int) -> None:
     """Deletes the oldest files of ``folder`` until the rest hold at most ``limit`` bytes (before any process of the
     run reads it)."""
-    files = sorted(folder.glob('*'), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
-    total = sum(p.stat().st_size for p in files)
-    for path in files:
+    files = sorted(((p.stat(), p) for p in folder.glob('*')), key=lambda f: f[0].st_mtime) if folder.is_dir() else []
+    total = sum(stat.st_size for stat, _ in files)
+    for stat, path in files:
         if total <= limit:
             break
-        total -= path.stat().st_size
+        total -= stat.st_size
         path.unlink(missing_ok=True)
 
 

@@ -76,12 +76,18 @@ def test_a_library_built_for_more_instructions_than_this_cpu_has_is_not_loaded(m
     assert build.compile_library(cpu_attention.SOURCE) == path
 
 
+def tiny_source(folder: pathlib.Path) -> pathlib.Path:
+    """A one-line library: a build whose compile takes a moment, for the tests of the build mechanism."""
+    source = folder / 'tiny.cc'
+    source.write_text('extern "C" int vit_jax_tiny() { return 1; }\n')
+    return source
+
+
 def test_a_build_records_the_instructions_it_needs(monkeypatch, tmp_path):
     """The record holds the flags of the build (-march=native: this CPU's), whatever the source; a one-line library
     stands in for the kernels (test_cpu_attention and test_cpu_gemm build those)."""
     monkeypatch.setenv('VIT_JAX_CACHE', str(tmp_path / 'cache'))
-    source = tmp_path / 'tiny.cc'
-    source.write_text('extern "C" int vit_jax_tiny() { return 1; }\n')
+    source = tiny_source(tmp_path)
     path = build.compile_library(source)
     record = json.loads(pathlib.Path(f'{path}.isa').read_text())
     assert record['requires'] == list(build.isa_flags()) and record['cpu'] == build.cpu_model()
@@ -95,8 +101,7 @@ def test_processes_that_build_at_once_compile_once(monkeypatch, tmp_path):
     import threading
     import time
     monkeypatch.setenv('VIT_JAX_CACHE', str(tmp_path / 'cache'))
-    source = tmp_path / 'tiny.cc'
-    source.write_text('extern "C" int vit_jax_tiny() { return 1; }\n')
+    source = tiny_source(tmp_path)
     compiles, run = [], subprocess.run
 
     def slow_compile(cmd, **kwargs):  # holds the build long enough for the other thread to arrive
