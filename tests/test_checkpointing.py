@@ -1,7 +1,9 @@
 """Checkpoints lose nothing: a corrupt one is skipped and moved aside, a full disk gives one error and no partial
 folder, and a resume with another model or data is refused before anything is built."""
 
+import asyncio
 import errno
+import gc
 import glob
 import json
 import os
@@ -64,6 +66,49 @@ def test_a_corrupt_latest_checkpoint_is_skipped_and_moved_aside(tmp_path):
     assert manager.all_steps() == [10] and os.listdir(directory) == ['10']
     checkpointing.save(manager, 20, state(20))  # the same step number saves again: the bad one is out of the way
     assert manager.all_steps() == [10, 20]
+
+
+def test_a_failure_closes_the_coroutines_it_left_pending_and_nothing_complains_later(monkeypatch, caplog):
+    loop = asyncio.new_event_loop()
+
+    async def read():  # as orbax's serialization._read_array_index_and_device_put: GeneratorExit becomes an error
+        try:
+            await loop.create_future()
+        except BaseException as e:
+            raise Exception('read abandoned') from e
+
+    reported = []
+    monkeypatch.setattr(sys, 'unraisablehook', reported.append)
+    with pytest.raises(ValueError, match='a failed read'):
+        with checkpointing.quiet_orbax_failures():
+            task = loop.create_task(read())
+            loop.run_until_complete(asyncio.sleep(0))  # the read starts and waits
+            loop.close()
+            raise ValueError('a failed read')
+    assert task.get_coro().cr_frame is None and not task.done()
+    assert checkpointing.abandoned_tasks() == []
+    del task
+    gc.collect()
+    assert reported == [] and [r.getMessage() for r in caplog.records if r.name == 'asyncio'] == []
+
+
+def test_a_failed_restore_leaves_no_read_pending_to_complain_later(tmp_path, monkeypatch, recwarn):
+    """orbax abandons its other reads when one fails; left pending, each would complain whenever the garbage collector
+    closed it ("Exception ignored in <coroutine _read_array_index_and_device_put>", "was never awaited")."""
+    rng = np.random.default_rng(0)  # incompressible: each array's data is in the truncated file, not inline
+    tree = {f'w{i}': jnp.asarray(rng.random((128, 128), np.float32)) for i in range(64)}  # reads pending at the failure
+    manager = ocp.CheckpointManager(str(tmp_path / 'checkpoints'))
+    checkpointing.save(manager, 10, tree)
+    truncate_data(tmp_path / 'checkpoints' / '10')
+    reported = []
+    monkeypatch.setattr(sys, 'unraisablehook', reported.append)
+    with pytest.raises(Exception, match='OUT_OF_RANGE|Encountered error while reading'):
+        with checkpointing.quiet_orbax_failures():
+            manager.restore(10, args=ocp.args.StandardRestore(abstract(tree)))
+    assert checkpointing.abandoned_tasks() == []
+    gc.collect()
+    assert reported == []
+    assert [str(w.message) for w in recwarn if issubclass(w.category, RuntimeWarning)] == []
 
 
 def test_no_checkpoint_restores_one_short_error_and_nothing_moved(tmp_path):

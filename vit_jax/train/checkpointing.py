@@ -14,6 +14,7 @@ SLURM report a terminated job), so schedulers and ``make demo`` see that the run
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime
 import errno
@@ -24,6 +25,7 @@ import logging
 import os
 import shutil
 import sys
+import warnings
 from typing import Any, Callable, Iterator
 
 import jax
@@ -191,44 +193,79 @@ def record_config(workdir: str, config: ml_collections.ConfigDict, step: int,
 
 # Restoring ------------------------------------------------------------------------------------------------------------
 
-def _without_closed_loop_noise(hook: Callable) -> Callable:
-    """``sys.unraisablehook`` that drops the "Event loop is closed" of coroutines orbax abandoned on a failure (they
-    are collected whenever the garbage collector runs, possibly long after), and passes everything else on."""
-    if getattr(hook, 'drops_closed_loop', False):
+def _is_abandoned_orbax_read(unraisable) -> bool:
+    """Whether an unraisable exception is the noise of a read orbax abandoned on a failure: its TensorStore callback
+    finding the event loop closed, or the coroutine itself turning the GeneratorExit of its closing into an error
+    (orbax's serialization._read_array_index_and_device_put catches BaseException)."""
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and 'Event loop is closed' in str(error):
+        return True
+    code = getattr(unraisable.object, 'cr_code', None)
+    return (code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename
+            and isinstance(getattr(error, '__cause__', None), GeneratorExit))
+
+
+def _without_abandoned_read_noise(hook: Callable) -> Callable:
+    """``sys.unraisablehook`` that drops the noise of reads orbax abandoned on a failure and passes everything else
+    on."""
+    if getattr(hook, 'drops_abandoned_reads', False):
         return hook
 
     def filtered(unraisable):
-        if not (isinstance(unraisable.exc_value, RuntimeError) and 'Event loop is closed' in str(unraisable.exc_value)):
+        if not _is_abandoned_orbax_read(unraisable):
             hook(unraisable)
 
-    filtered.drops_closed_loop = True
+    filtered.drops_abandoned_reads = True
     return filtered
+
+
+def abandoned_tasks() -> list[asyncio.Task] | None:
+    """The tasks whose coroutine is open in an event loop that is closed, so can never resume: what a failed orbax
+    call leaves behind. None where Python keeps no registry of every task (3.11-3.13 do)."""
+    registry = getattr(asyncio.tasks, '_all_tasks', None) or getattr(asyncio.tasks, '_scheduled_tasks', None)
+    if registry is None:
+        return None
+    return [task for task in list(registry) if not task.done() and task.get_loop().is_closed()
+            and getattr(task.get_coro(), 'cr_frame', None) is not None]
+
+
+def _close_abandoned_tasks() -> None:
+    """Closes the coroutines of abandoned tasks: if the garbage collector closed them (whenever it runs), each would
+    complain. Without a registry of tasks, a full collection does it (seconds in a large process)."""
+    tasks = abandoned_tasks()
+    if tasks is None:
+        gc.collect()
+        return
+    with warnings.catch_warnings():  # the coroutines they created and never awaited, freed with them
+        warnings.simplefilter('ignore', RuntimeWarning)
+        for task in tasks:
+            task._log_destroy_pending = False  # no "Task was destroyed but it is pending!" when collected
+            try:
+                task.get_coro().close()
+            except Exception:  # orbax's read turns the GeneratorExit into its own error
+                pass
 
 
 @contextlib.contextmanager
 def quiet_orbax_failures() -> Iterator[None]:
-    """A failed orbax read or write logs its traceback from every thread and leaves coroutines that complain of a
-    closed event loop; the caller reports the failure once, so those are silenced meanwhile."""
+    """A failed orbax read or write logs its traceback from every thread and abandons coroutines that complain when
+    closed; the caller reports the failure once, so those are silenced."""
     class _Drop(logging.Filter):  # orbax's own errors and warnings ("Metadata file does not exist") meanwhile
         def filter(self, record: logging.LogRecord) -> bool:
             return not (record.levelno >= logging.WARNING and '/orbax/' in record.pathname)
 
     drop, loggers = _Drop(), [logging.getLogger('absl'), logging.getLogger()]
-    previous_hook = sys.unraisablehook
     for lg in loggers:
         lg.addFilter(drop)
     asyncio_level = logging.getLogger('asyncio').level
     logging.getLogger('asyncio').setLevel(logging.CRITICAL)
-    sys.unraisablehook = lambda _: None
+    sys.unraisablehook = _without_abandoned_read_noise(sys.unraisablehook)  # for good: TensorStore calls back late
     try:
         yield
     except BaseException:
-        # The abandoned coroutines complain when collected: now, while silenced. Only after a failure: a full
-        # collection of a large heap takes seconds, too long for every save.
-        gc.collect()
+        _close_abandoned_tasks()
         raise
     finally:
-        sys.unraisablehook = _without_closed_loop_noise(previous_hook)
         logging.getLogger('asyncio').setLevel(asyncio_level)
         for lg in loggers:
             lg.removeFilter(drop)
