@@ -99,6 +99,14 @@ def check_config_flags(argv: list[str], main_flags: bool = False) -> None:
     validate_config(values.config)
 
 
+def forget_the_imported_main(module: str, monkeypatch) -> None:
+    """Runs ``module`` as `python -m` does, not as a second copy of the code an earlier test imported (runpy warns):
+    its ``__main__`` (a package's, a module's own code) leaves ``sys.modules`` for the test. A package stays: runpy
+    imports it, and a fresh copy would replace the one other tests patch."""
+    main = f'{module}.__main__' if hasattr(sys.modules.get(module), '__path__') else module
+    monkeypatch.delitem(sys.modules, main, raising=False)
+
+
 @pytest.mark.parametrize('where, command', commands() or [('none', '')])
 def test_documented_commands_parse(where, command, stop_after_parsing, monkeypatch):
     assert command, 'no documented commands found'
@@ -118,6 +126,7 @@ def test_documented_commands_parse(where, command, stop_after_parsing, monkeypat
         if module is None:
             runpy.run_path(str(REPO / argv[1]), run_name='__main__')
         else:
+            forget_the_imported_main(module, monkeypatch)
             runpy.run_module(module, run_name='__main__', alter_sys=True)
     except Parsed:
         return
@@ -129,6 +138,7 @@ def test_documented_commands_parse(where, command, stop_after_parsing, monkeypat
 def test_the_parse_check_catches_a_bad_flag_and_a_bad_field(stop_after_parsing, monkeypatch):
     """The check above can fail: a renamed flag, a misspelt config field and an out-of-range value are refused."""
     monkeypatch.setattr(sys, 'argv', ['vit_jax.export', '--no-such-flag'])
+    forget_the_imported_main('vit_jax.export', monkeypatch)
     with pytest.raises(SystemExit):
         runpy.run_module('vit_jax.export', run_name='__main__', alter_sys=True)
     with pytest.raises(Exception, match='learnig_rate'):
