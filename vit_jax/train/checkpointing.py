@@ -222,7 +222,7 @@ def _without_abandoned_read_noise(hook: Callable) -> Callable:
 def abandoned_tasks() -> list[asyncio.Task] | None:
     """The tasks whose coroutine is open in an event loop that is closed, so can never resume: what a failed orbax
     call leaves behind. None where Python keeps no registry of every task (3.11-3.13 do)."""
-    registry = getattr(asyncio.tasks, '_all_tasks', None) or getattr(asyncio.tasks, '_scheduled_tasks', None)
+    registry = getattr(asyncio.tasks, '_all_tasks', getattr(asyncio.tasks, '_scheduled_tasks', None))
     if registry is None:
         return None
     return [task for task in list(registry) if not task.done() and task.get_loop().is_closed()
