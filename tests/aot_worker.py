@@ -11,12 +11,8 @@ import sys
 import time
 import traceback
 
-from vit_jax import console
-
-console.import_tensorflow_quietly()
-
-from vit_jax.aot import compile as aot_compile, report, saved, targets  # noqa: E402
-from vit_jax.train.config import load_config  # noqa: E402
+from vit_jax.aot import compile as aot_compile, report, saved, targets
+from vit_jax.train.config import load_config
 
 
 def run_case(case: dict) -> dict:

@@ -5,6 +5,7 @@ compiled for TPU and GPU, are in test_aot_tpu.py and test_aot_gpu.py)."""
 import json
 import subprocess
 import sys
+import textwrap
 import types
 
 import pytest
@@ -72,6 +73,25 @@ ENTRY %main (a: f32[8]) -> f32[8] {
 
 # A CPU target, the one a test can run a compiled step on (the TPU and GPU ones are in test_aot_tpu/gpu.py).
 THIS_CPU = targets.Topology('cpu-1', targets.Chip('this CPU', 'cpu', 24 * 2 ** 30, 1e12, 1e11), 1)
+
+
+def test_a_compile_loads_no_tensorflow(tmp_path):
+    """What a compile reads of a dataset that is not here (its classes, the batch arithmetic) and the compile itself
+    need no TensorFlow: a compiler's process does not spend its import."""
+    code = textwrap.dedent(f"""
+        import sys
+        import jax
+        from vit_jax.aot import compile as aot_compile, report, targets
+        from vit_jax.train.config import load_config
+        config = report.with_overrides(load_config('configs/vit_b16.py'), {{
+            'model.hidden_size': 32, 'model.num_layers': 1, 'model.num_heads': 2, 'model.mlp_dim': 64,
+            'batch_size': 8, 'eval_batch_size': 8, 'optimizer.warmup_steps': 1, 'total_steps': 10,
+            'data_dir': {str(tmp_path)!r}}})
+        cpu = targets.Topology('cpu-1', targets.Chip('this CPU', 'cpu', 2 ** 30, 1e12, 1e11), 1)
+        compiled = aot_compile.compile_config(config, cpu, jax.devices()[:1], eval_step=False)
+        print(compiled.train.flops > 0, 'tensorflow' in sys.modules)""")
+    run = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert run.stdout.split() == ['True', 'False'], run.stdout + run.stderr[-2000:]
 
 
 def test_main_runs_a_saved_executable_and_refuses_another_config(tmp_path):

@@ -100,7 +100,6 @@ def _child() -> None:
             raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
         logging.set_verbosity(logging.WARNING)  # the report is the output; TFDS's and XLA's INFO lines are not
         logging.get_absl_handler().addFilter(console.LibraryNoise())
-        console.import_tensorflow_quietly()
         try:
             return _compile_and_report(FLAGS)
         except ValueError as e:  # a config value, a mesh that does not fit the topology: one message

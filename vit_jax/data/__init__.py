@@ -35,8 +35,9 @@ __all__ = ['DatasetInfo', 'batch_shapes', 'dataset_info', 'default_augment_confi
            'steps_per_epoch', 'train_iterator']
 
 # TensorFlow (~5 s to import) loads only when data are read, so that configs and CLI errors come first.
-_LAZY = {'batch_shapes': 'pipeline', 'eval_iterator': 'pipeline', 'steps_per_epoch': 'pipeline', 'train_iterator': 'pipeline',
-         'DatasetInfo': 'sources', 'dataset_info': 'sources'}
+# What a compile reads (the batch arithmetic, a dataset's classes and sizes) loads none of it.
+_LAZY = {'batch_shapes': 'batches', 'steps_per_epoch': 'batches', 'DatasetInfo': 'sources', 'dataset_info': 'sources',
+         'eval_iterator': 'pipeline', 'train_iterator': 'pipeline'}
 
 
 def __getattr__(name: str) -> Any:

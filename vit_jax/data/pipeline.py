@@ -23,6 +23,7 @@ import tensorflow as tf
 
 from vit_jax.data import config as config_lib
 from vit_jax.data import mixing, preprocess, sources
+from vit_jax.data.batches import _steps_per_epoch
 
 AUTOTUNE = tf.data.AUTOTUNE
 # The first word of every key, so that example, batch and shuffle randomness never share a stream.
@@ -52,32 +53,6 @@ def _local_batch(global_batch: int, process_count: int, name: str) -> int:
     if global_batch % process_count:
         raise ValueError(f'config.{name}={global_batch} does not split over {process_count} processes.')
     return global_batch // process_count
-
-
-def steps_per_epoch(config: ml_collections.ConfigDict, num_train_examples: int | None = None) -> int:
-    """Global steps per epoch: the train split's whole batches (the remainder of each epoch is dropped); the split's
-    size is read from the dataset unless given."""
-    if num_train_examples is None:
-        num_train_examples = sources.dataset_info(config).num_train_examples
-    return _steps_per_epoch(config, num_train_examples)
-
-
-def _steps_per_epoch(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
-    if num_train_examples < config.batch_size:
-        raise ValueError(f'config.batch_size={config.batch_size} exceeds the {num_train_examples} examples of '
-                         f'{config.train_split!r}.')
-    return num_train_examples // config.batch_size
-
-
-def batch_shapes(config: ml_collections.ConfigDict, num_classes: int) -> tuple[dict, dict]:
-    """{name: (shape, dtype)} of one global train batch and one global eval batch, as ``train_iterator`` and
-    ``eval_iterator`` yield them (summed over the hosts): what a step is compiled for without the data."""
-    s = config.image_size
-    train = {'images': ((config.batch_size, s, s, 3), np.float32),
-             'labels': ((config.batch_size, num_classes), np.float32)}
-    evaluation = {'images': ((config.eval_batch_size, s, s, 3), np.float32),
-                  'labels': ((config.eval_batch_size,), np.int32), 'mask': ((config.eval_batch_size,), np.float32)}
-    return train, evaluation
 
 
 def train_iterator(config: ml_collections.ConfigDict, *, seed: int, start_step: int = 0, process_index: int = 0,

@@ -25,7 +25,6 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from clu import metric_writers, periodic_actions
 from flax.core import meta
 
 from vit_jax import checkpoints, data, distributed, fewshot, hardware, models, sharding, workdir as workdir_lib
@@ -266,6 +265,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, compiled
     start_step = int(jax.device_get(state.step))
 
     log = MetricsLog(workdir_lib.path(workdir) / 'metrics.jsonl', start_step)
+    from clu import metric_writers, periodic_actions  # they import TensorFlow: here, so that a compile loads none
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     if start_step == 0:
         writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
