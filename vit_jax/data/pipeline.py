@@ -23,7 +23,7 @@ import tensorflow as tf
 
 from vit_jax.data import config as config_lib
 from vit_jax.data import mixing, preprocess, sources
-from vit_jax.data.batches import _steps_per_epoch
+from vit_jax.data.batches import _steps_per_epoch, batch_shapes, steps_per_epoch  # noqa: F401 - also here, as before
 
 AUTOTUNE = tf.data.AUTOTUNE
 # The first word of every key, so that example, batch and shuffle randomness never share a stream.
