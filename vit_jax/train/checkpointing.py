@@ -193,6 +193,9 @@ def record_config(workdir: str, config: ml_collections.ConfigDict, step: int,
 
 # Restoring ------------------------------------------------------------------------------------------------------------
 
+_ORBAX_SOURCE = f'{os.sep}orbax{os.sep}'  # in the path of orbax's files: its log records and its coroutines
+
+
 def _is_abandoned_orbax_read(unraisable) -> bool:
     """Whether an unraisable exception is the noise of a read orbax abandoned on a failure: its TensorStore callback
     finding the event loop closed, or the coroutine itself turning the GeneratorExit of its closing into an error
@@ -201,7 +204,7 @@ def _is_abandoned_orbax_read(unraisable) -> bool:
     if isinstance(error, RuntimeError) and 'Event loop is closed' in str(error):
         return True
     code = getattr(unraisable.object, 'cr_code', None)
-    return (code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename
+    return (code is not None and _ORBAX_SOURCE in code.co_filename
             and isinstance(getattr(error, '__cause__', None), GeneratorExit))
 
 
@@ -252,7 +255,7 @@ def quiet_orbax_failures() -> Iterator[None]:
     closed; the caller reports the failure once, so those are silenced."""
     class _Drop(logging.Filter):  # orbax's own errors and warnings ("Metadata file does not exist") meanwhile
         def filter(self, record: logging.LogRecord) -> bool:
-            return not (record.levelno >= logging.WARNING and '/orbax/' in record.pathname)
+            return not (record.levelno >= logging.WARNING and _ORBAX_SOURCE in record.pathname)
 
     drop, loggers = _Drop(), [logging.getLogger('absl'), logging.getLogger()]
     for lg in loggers:
