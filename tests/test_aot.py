@@ -76,22 +76,34 @@ THIS_CPU = targets.Topology('cpu-1', targets.Chip('this CPU', 'cpu', 24 * 2 ** 3
 
 
 def test_a_compile_loads_no_tensorflow(tmp_path):
-    """What a compile reads of a dataset that is not here (its classes, the batch arithmetic) and the compile itself
-    need no TensorFlow: a compiler's process does not spend its import."""
+    """What a compile reads of a dataset (its classes and split sizes: of one that is not here, from its definition;
+    of the digits, prepared here, from their metadata), the batch arithmetic and the compile itself need no
+    TensorFlow: a compiler's process does not spend its import."""
+    from vit_jax import data
+    from vit_jax.train.config import load_config
+    digits = load_config(str(REPO / 'configs' / 'quickstart.py'))
+    digits.data_dir = str(tmp_path / 'prepared')
+    data.dataset_info(digits)  # prepares them, here, with TensorFlow
     code = textwrap.dedent(f"""
         import sys
         import jax
         from vit_jax.aot import compile as aot_compile, report, targets
+        from vit_jax.train import loop
         from vit_jax.train.config import load_config
-        config = report.with_overrides(load_config('configs/vit_b16.py'), {{
-            'model.hidden_size': 32, 'model.num_layers': 1, 'model.num_heads': 2, 'model.mlp_dim': 64,
-            'batch_size': 8, 'eval_batch_size': 8, 'optimizer.warmup_steps': 1, 'total_steps': 10,
-            'data_dir': {str(tmp_path)!r}}})
+        tiny = {{'model.hidden_size': 32, 'model.num_layers': 1, 'model.num_heads': 2, 'model.mlp_dim': 64,
+                'batch_size': 8, 'eval_batch_size': 8, 'optimizer.warmup_steps': 1, 'total_steps': 10}}
         cpu = targets.Topology('cpu-1', targets.Chip('this CPU', 'cpu', 2 ** 30, 1e12, 1e11), 1)
-        compiled = aot_compile.compile_config(config, cpu, jax.devices()[:1], eval_step=False)
-        print(compiled.train.flops > 0, 'tensorflow' in sys.modules)""")
+        for name, data_dir in (('vit_b16', {str(tmp_path / 'absent')!r}), ('quickstart', {digits.data_dir!r})):
+            config = report.with_overrides(load_config(f'configs/{{name}}.py'), {{**tiny, 'data_dir': data_dir}})
+            compiled = aot_compile.compile_config(config, cpu, jax.devices()[:1], eval_step=False)
+            info = loop.dataset_info_for_compile(config)
+            print(name, info.num_classes, info.num_train_examples, compiled.train.flops > 0,
+                  'tensorflow' in sys.modules)""")
     run = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert run.stdout.split() == ['True', 'False'], run.stdout + run.stderr[-2000:]
+    # the absent ImageNet-21k: its class count and a nominal 1000 steps of examples; the digits: their train split
+    assert run.stdout.split() == ['vit_b16', '21843', '8000', 'True', 'False', 'quickstart', '10', '1437', 'True',
+                                  'False'], (
+        run.stdout + run.stderr[-2000:])
 
 
 def test_main_runs_a_saved_executable_and_refuses_another_config(tmp_path):

@@ -13,12 +13,16 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_tensorflow_imports_without_its_banner():
-    code = ('import sys\nfrom vit_jax import console\nconsole.import_tensorflow_quietly()\n'
-            'print("tensorflow" in sys.modules)\nsys.stderr.write("kept\\n")')
+    """The data module a command loads first (here predict's eval transform) imports TensorFlow quietly, and the
+    transform runs."""
+    code = ('import io, sys\nimport numpy as np\nfrom PIL import Image\nfrom vit_jax.data import default_augment_config, '
+            'preprocess\npng = io.BytesIO()\nImage.fromarray(np.zeros((8, 8, 3), np.uint8)).save(png, "PNG")\n'
+            'image = preprocess.eval_image(preprocess.tf.constant(png.getvalue()), default_augment_config(), 16)\n'
+            'print("tensorflow" in sys.modules, image.shape)\nsys.stderr.write("kept\\n")')
     env = {k: v for k, v in os.environ.items() if k != 'TF_CPP_MIN_LOG_LEVEL'}
     result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, env=env,
                             check=True)
-    assert result.stdout.strip() == 'True'
+    assert result.stdout.strip() == 'True (16, 16, 3)'
     assert result.stderr == 'kept\n'  # no oneDNN banner, no absl::InitializeLog warning; later output passes
 
 

@@ -407,6 +407,20 @@ def test_repeated_augmentation_repeats_each_example_three_times_in_a_batch(digit
     np.testing.assert_array_equal(resumed['images'], batches[steps]['images'])
 
 
+def test_the_mapped_functions_are_traced_as_written(digits_dir, monkeypatch):
+    """tf.data traces the pipeline's functions without AutoGraph's rewrite (pipeline.graph_function): a tensor used
+    as a Python bool fails at the trace, where AutoGraph would have made it a tf.cond."""
+    def branching_on_a_tensor(encoded, key, augment, size):
+        image = tf.image.resize(tf.cast(tf.io.decode_png(encoded, 3), tf.float32), [size, size])
+        if tf.reduce_mean(image) > 0:
+            image = image / 255
+        return image
+
+    monkeypatch.setattr(preprocess, 'train_image', branching_on_a_tensor)
+    with pytest.raises(TypeError, match='tf.Tensor. as a Python `bool`'):
+        data.train_iterator(make_config('sklearn_digits', digits_dir, repeated_augmentation=3), seed=0)
+
+
 def run_big_vision_op(index: int, image: np.ndarray, level: float = 1.0, sign: float = 1.0) -> np.ndarray:
     op = randaugment._big_vision_ops(tf.constant([128.0, 128.0, 128.0]))[index]
     return op(tf.constant(image), tf.constant(level), tf.constant(sign), tf.constant([3, 4], tf.int64)).numpy()

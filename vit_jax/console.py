@@ -60,6 +60,14 @@ def import_tensorflow_quietly() -> None:
         import tensorflow  # noqa: F401
 
 
+def tensorflow():
+    """The ``tensorflow`` module, imported without its start-up banner: the data modules take it from here, so that
+    whichever of them a command loads first (training's pipeline, predict's eval transform) imports it quietly."""
+    import_tensorflow_quietly()
+    import tensorflow as tf
+    return tf
+
+
 class LibraryNoise(logging.Filter):
     """Keeps errors, warnings a user can act on and vit_jax's and clu's INFO lines (progress, metrics); drops other
     libraries' INFO lines and deprecation notices (TFDS warns of its own API), and clu's one-line dump of the whole

@@ -150,8 +150,9 @@ def _timm_info_dir() -> str | None:
 # Images ---------------------------------------------------------------------------------------------------------------
 def load_image(path: str, augment: ml_collections.ConfigDict, image_size: int) -> np.ndarray:
     """One image file -> (S, S, 3) float32 through the eval transform; ImageError naming the file if it cannot."""
-    import tensorflow as tf
+    from vit_jax import console
     from vit_jax.data import preprocess
+    tf = console.tensorflow()
     try:
         with open(path, 'rb') as f:
             encoded = f.read()

@@ -9,9 +9,11 @@ cutmix is corrected to the pasted box's actual area.
 from __future__ import annotations
 
 import ml_collections
-import tensorflow as tf
 
+from vit_jax import console
 from vit_jax.data import preprocess
+
+tf = console.tensorflow()
 
 
 def smooth_one_hot(labels: tf.Tensor, num_classes: int, smoothing: float) -> tf.Tensor:

@@ -19,13 +19,19 @@ from typing import Iterator
 
 import ml_collections
 import numpy as np
-import tensorflow as tf
 
+from vit_jax import console
 from vit_jax.data import config as config_lib
 from vit_jax.data import mixing, preprocess, sources
 from vit_jax.data.batches import _steps_per_epoch, batch_shapes, steps_per_epoch  # noqa: F401 - also here, as before
 
+tf = console.tensorflow()
+
 AUTOTUNE = tf.data.AUTOTUNE
+# The mapped functions are graph code already (tf.cond, tf.switch_case; Python `if` only on config values): tf.data
+# traces them as written, without AutoGraph's rewrite of their source (seconds of CPU at a process's first iterator),
+# and a tensor used as a Python bool fails at the trace.
+graph_function = tf.autograph.experimental.do_not_convert
 # The first word of every key, so that example, batch and shuffle randomness never share a stream.
 EXAMPLE, BATCH, SHUFFLE = 0, 1, 2
 
@@ -74,6 +80,7 @@ def train_iterator(config: ml_collections.ConfigDict, *, seed: int, start_step: 
     records = sources.host_records(builder, config.train_split, process_index, process_count)
     repeats = int(augment.get('repeated_augmentation', 1))
 
+    @graph_function
     def epoch_records(epoch: tf.Tensor) -> tf.data.Dataset:
         shuffle_seed = tf.random.stateless_uniform([], _key(seed, SHUFFLE, epoch), minval=None, maxval=None,
                                                    dtype=tf.int64)
@@ -81,16 +88,18 @@ def train_iterator(config: ml_collections.ConfigDict, *, seed: int, start_step: 
         if repeats > 1:
             # DeiT's samplers.py::RASampler: an epoch is its first ~1/repeats shuffled examples, each `repeats` times
             # in a row (in one global batch), every copy augmented with its own key (its own position).
-            ds = ds.take(-(-epoch_length // repeats)).flat_map(
-                lambda encoded, label: tf.data.Dataset.from_tensors((encoded, label)).repeat(repeats))
+            ds = ds.take(-(-epoch_length // repeats)).flat_map(graph_function(
+                lambda encoded, label: tf.data.Dataset.from_tensors((encoded, label)).repeat(repeats)))
         ds = ds.take(epoch_length).enumerate()
         ds = ds.skip(tf.where(epoch == start_epoch, tf.constant(start_batch * local_batch, tf.int64), 0))
-        return ds.map(lambda position, record: (epoch, position, *record))
+        return ds.map(graph_function(lambda position, record: (epoch, position, *record)))
 
+    @graph_function
     def example(epoch, position, encoded, label):
         key = _key(seed, EXAMPLE, epoch, process_index * epoch_length + position)
         return preprocess.train_image(encoded, key, augment, size), label
 
+    @graph_function
     def batch(step, images_and_labels):
         images, labels = images_and_labels
         targets = mixing.smooth_one_hot(labels, num_classes, augment.label_smoothing)
@@ -119,6 +128,7 @@ def eval_iterator(config: ml_collections.ConfigDict, *, process_index: int = 0,
     largest_host = math.ceil(sources.num_examples(builder, config.eval_split) / process_count)
     num_batches = math.ceil(largest_host / local_batch)
 
+    @graph_function
     def example(encoded, label):
         return {'images': preprocess.eval_image(encoded, augment, size), 'labels': tf.cast(label, tf.int32),
                 'mask': tf.constant(1.0)}

@@ -9,9 +9,11 @@ from __future__ import annotations
 import math
 
 import ml_collections
-import tensorflow as tf
 
+from vit_jax import console
 from vit_jax.data import randaugment
+
+tf = console.tensorflow()
 
 # torchvision's ImageNet statistics, used by DeiT / T2T-ViT (timm's IMAGENET_DEFAULT_MEAN / STD).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -18,7 +18,9 @@ import functools
 import math
 from typing import Callable, Sequence
 
-import tensorflow as tf
+from vit_jax import console
+
+tf = console.tensorflow()
 
 MAX_LEVEL = 10.0  # timm's _LEVEL_DENOM: magnitudes run over [0, 10]
 APPLY_PROBABILITY = 0.5  # timm's AugmentOp prob for RandAugment

@@ -2,7 +2,8 @@
 
 Every source ends as the same thing, a ``tf.data.Dataset`` of ``(encoded image bytes, label)`` for one host's part of
 a split, in a fixed order. Images stay encoded here, so that skipping, sharding and shuffling move bytes, and the
-pipeline decodes each example once, after all three.
+pipeline decodes each example once, after all three. TensorFlow is imported (quietly) only where examples are read
+or written: a dataset's classes and split sizes, all that a compile (``vit_jax.aot``) asks, need none of it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING
 import ml_collections
 import tensorflow_datasets as tfds
 
+from vit_jax import console
 from vit_jax.data import digits
 
 if TYPE_CHECKING:
@@ -45,15 +47,6 @@ class DatasetInfo:
     num_eval_examples: int  # in config.eval_split
 
 
-def _tensorflow():
-    """TensorFlow, imported without its banner where examples are read or written: what a compile (vit_jax.aot)
-    asks of a TFDS dataset, its classes and split sizes, needs none of it (~5 s to import)."""
-    from vit_jax import console
-    console.import_tensorflow_quietly()
-    import tensorflow as tf
-    return tf
-
-
 def load_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     """The dataset's TFDS builder, ready to read; ``sklearn_digits`` is prepared on first use."""
     name = config.dataset
@@ -71,11 +64,11 @@ def load_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
             f'Unknown dataset {name!r}: it is neither {digits.SklearnDigits.name!r}, nor "{FOLDER_PREFIX}/path", nor '
             f'a registered TFDS dataset, nor prepared in {where} ({source}; looked for {os.path.join(where, name)}). '
             f'To use it, {hint.format(where=where)}.') from e
-    if isinstance(builder, digits.SklearnDigits):
-        _tensorflow()  # TFDS writes the records with it
+    if not builder.is_prepared():
+        if not isinstance(builder, digits.SklearnDigits):
+            raise ValueError(_not_prepared_message(builder))
+        console.tensorflow()  # TFDS writes the records with it; reading the prepared metadata needs none
         builder.download_and_prepare()  # a few seconds, once: the data ship with scikit-learn
-    elif not builder.is_prepared():
-        raise ValueError(_not_prepared_message(builder))
     if not {'image', 'label'} <= set(builder.info.features):
         raise ValueError(f'Dataset {name!r} has features {sorted(builder.info.features)}; the pipeline reads '
                          f"image classification datasets, with features 'image' and 'label'.")
@@ -101,7 +94,7 @@ def _split_name(split: str) -> str:
 def _folder_builder(root: str, skip_bad_images: bool = False, train_split: str = 'train') -> tfds.core.DatasetBuilder:
     """``tfds.ImageFolder`` with its files checked once per process: every image must decode (or, with
     ``skip_bad_images``, those that do not are dropped and listed), and no class folder may be empty."""
-    tf = _tensorflow()
+    tf = console.tensorflow()
     if not tf.io.gfile.isdir(root):
         raise ValueError(f'Folder dataset root {root!r} does not exist: expected {root}/<split>/<class>/<image>.')
     builder = tfds.ImageFolder(root)
@@ -127,7 +120,7 @@ def _folder_builder(root: str, skip_bad_images: bool = False, train_split: str =
 def _undecodable(builder: tfds.ImageFolder) -> list[tuple[str, str]]:
     """(path, reason) of every file that does not decode as the pipeline decodes it: read once, at preparation,
     rather than crashing an epoch with "Invalid JPEG data" and no file name."""
-    tf = _tensorflow()
+    tf = console.tensorflow()
     bad = []
     # ImageFolder keeps its file list in _split_examples (tfds 4.9); there is no public accessor.
     for examples in builder._split_examples.values():
@@ -151,7 +144,7 @@ def _drop_examples(builder: tfds.ImageFolder, paths: set[str]) -> None:
 def _check_class_folders(root: str, builder: tfds.ImageFolder, train_split: str) -> None:
     """An empty class folder would silently become a class without examples: an error in the training split (the
     model would learn a class it never sees), a warning elsewhere."""
-    tf = _tensorflow()
+    tf = console.tensorflow()
     for split in sorted(builder._split_examples):
         counts = {}
         for example in builder._split_examples[split]:
@@ -228,7 +221,7 @@ def _folder_range(builder: tfds.ImageFolder, split: str) -> tuple[str, int, int]
 
 def deterministic_options() -> tf.data.Options:
     """Parallel, but in a fixed order: exact resume depends on it."""
-    tf = _tensorflow()
+    tf = console.tensorflow()
     options = tf.data.Options()
     options.deterministic = True
     return options
