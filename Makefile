@@ -41,11 +41,13 @@ demo: $(STAMP)
 PYTEST_PARALLEL := -n 2 --dist loadfile --max-worker-restart 0
 
 # The fast tier compiles for the CPU quickly: LLVM at -O0 (JAX_DISABLE_MOST_OPTIMIZATIONS) and XLA's loop emitter for
-# its fusions in place of the newer fusion emitters (half the compile time of a tiny model). XLA's HLO passes still
-# run: the matmuls, custom calls (the CPU kernels) and collectives the tests read are the users', the FLOPs to 1e-4,
-# only the elementwise ops are fused differently. `make test-slow` compiles as users' runs do, and the AOT tests' TPU
-# and GPU compiles always optimise fully (vit_jax/aot/compilers.py).
-FAST_COMPILES := JAX_DISABLE_MOST_OPTIMIZATIONS=1 XLA_FLAGS="$(strip $(XLA_FLAGS) --xla_cpu_use_fusion_emitters=false)"
+# its fusions in place of the newer fusion emitters (half the compile time of a tiny model), and each program's code
+# generated in one piece rather than split for threads (the test processes already keep both cores busy; the split
+# only adds work). XLA's HLO passes still run: the matmuls, custom calls (the CPU kernels) and collectives the tests
+# read are the users', the FLOPs to 1e-4, only the elementwise ops are fused differently. `make test-slow` compiles as
+# users' runs do, and the AOT tests' TPU and GPU compiles always optimise fully (vit_jax/aot/compilers.py).
+FAST_COMPILES := JAX_DISABLE_MOST_OPTIMIZATIONS=1 XLA_FLAGS="$(strip $(XLA_FLAGS) --xla_cpu_use_fusion_emitters=false \
+	--xla_cpu_parallel_codegen_split_count=1)"
 test: $(STAMP) aot-compilers
 	$(FAST_COMPILES) $(PY) -m pytest $(PYTEST_PARALLEL) -q
 
