@@ -26,6 +26,17 @@ def test_tensorflow_imports_without_its_banner():
     assert result.stderr == 'kept\n'  # no oneDNN banner, no absl::InitializeLog warning; later output passes
 
 
+def test_tensorflow_is_given_no_gpu(monkeypatch):
+    """console.tensorflow(), where every data module takes TensorFlow from, hides the GPUs from it once per process
+    (JAX owns them), before the first folder check or pipeline runs a TensorFlow op."""
+    import tensorflow as tf
+    hidden = []
+    monkeypatch.setattr(console, '_gpus_hidden', False)
+    monkeypatch.setattr(tf.config, 'set_visible_devices', lambda devices, kind: hidden.append((devices, kind)))
+    assert console.tensorflow() is tf and console.tensorflow() is tf
+    assert hidden == [([], 'GPU')]
+
+
 def test_filtered_stderr_keeps_what_is_not_noise(capfd):
     with console.filtered_stderr(noise=('banner',)):
         os.write(2, b'a banner line\nan error a user must see\n')

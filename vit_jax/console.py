@@ -60,11 +60,23 @@ def import_tensorflow_quietly() -> None:
         import tensorflow  # noqa: F401
 
 
+_gpus_hidden = False
+
+
 def tensorflow():
-    """The ``tensorflow`` module, imported without its start-up banner: the data modules take it from here, so that
-    whichever of them a command loads first (training's pipeline, predict's eval transform) imports it quietly."""
+    """The ``tensorflow`` module, imported without its start-up banner and with the GPUs hidden from it: the data
+    modules take it from here, so that whichever of them a command loads first (training's pipeline, a folder
+    dataset's checks, predict's eval transform) does both before any TensorFlow op runs."""
+    global _gpus_hidden
     import_tensorflow_quietly()
     import tensorflow as tf
+    if not _gpus_hidden:
+        _gpus_hidden = True
+        # JAX owns the accelerators; TensorFlow would otherwise reserve all of their memory for its own use.
+        try:
+            tf.config.set_visible_devices([], 'GPU')
+        except RuntimeError:  # TensorFlow already initialised its devices (someone ran TF ops first): nothing to do
+            pass
     return tf
 
 

@@ -24,7 +24,7 @@ The config fields it reads:
         normalization        'inception' (x / 127.5 - 1) | 'imagenet' ((x / 255 - mean) / std)
         interpolation        (added) 'bilinear' | 'bicubic': the resize of train crops and eval images
 
-Importing this package hides any GPU from TensorFlow, which only feeds JAX.
+Whichever of its modules imports TensorFlow first hides any GPU from it (``console.tensorflow``): it only feeds JAX.
 """
 
 from typing import Any

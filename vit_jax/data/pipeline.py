@@ -36,17 +36,6 @@ graph_function = tf.autograph.experimental.do_not_convert
 EXAMPLE, BATCH, SHUFFLE = 0, 1, 2
 
 
-def _hide_gpus_from_tensorflow() -> None:
-    # JAX owns the accelerators; TensorFlow would otherwise reserve all of their memory for its own use.
-    try:
-        tf.config.set_visible_devices([], 'GPU')
-    except RuntimeError:  # TensorFlow already initialised its devices (someone ran TF ops first): nothing to do
-        pass
-
-
-_hide_gpus_from_tensorflow()
-
-
 def _key(seed: int, *data) -> tf.Tensor:
     """A ``[2]`` int64 key for ``tf.random.stateless_*`` that depends on ``seed`` and every integer of ``data``."""
     key = tf.constant([seed, 0], tf.int64)
